@@ -1,0 +1,47 @@
+# One entry point for people and CI. `make test` installs what it needs from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+EXTRAS ?= router,inference,trainer,monitor,dev
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint format protos protos-check clean help
+
+help:
+	@echo "make setup   virtual environment .venv with every dependency (idempotent)"
+	@echo "make test    protos check + the test suite (installs first when needed)"
+	@echo "make lint    ruff check, ruff format --check, mypy --strict"
+	@echo "make protos  regenerate Python stubs from protos/"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# The CPU build of torch first: with it in place nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+protos: setup
+	PYTHON=$(PY) scripts/protos.sh
+
+protos-check: setup
+	PYTHON=$(PY) scripts/protos.sh --check
+
+test: setup protos-check
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

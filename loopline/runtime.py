@@ -1,0 +1,127 @@
+"""Run a model package with ONNX Runtime and the Rust tokenizer alone (no torch, no transformers).
+
+This is the smallest faithful way to execute a package: the trainer uses it to check export
+parity, tests use it to prove a package stands on its own, and the inference worker's engine
+builds on the same tokenization rules so that all three agree on every token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopline.package import (
+    EMBEDDING_OUTPUT,
+    LOGITS_OUTPUT,
+    TOKENIZER_FILE,
+    Manifest,
+    PackageError,
+    Variant,
+    read_manifest,
+)
+
+PAD_MULTIPLE = 8
+
+
+@dataclass
+class Batch:
+    """Padded model inputs for a list of texts, plus what a record needs about them."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    lengths: list[int]
+    truncated: list[bool]
+    unknown_share: list[float]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / exp.sum(axis=-1, keepdims=True), dtype=np.float32)
+
+
+class PackageTokenizer:
+    """The package's `tokenizer.json`, truncating to the manifest's max length."""
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        from tokenizers import Tokenizer
+
+        self.manifest = manifest
+        self._tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=manifest.max_length)
+
+    def encode(self, texts: Sequence[str]) -> Batch:
+        """Tokenize in one call (the Rust tokenizer releases the GIL) and pad to a multiple of 8."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        lengths = [len(e.ids) for e in encodings]
+        width = max(PAD_MULTIPLE, math.ceil(max(lengths) / PAD_MULTIPLE) * PAD_MULTIPLE)
+        ids = np.full((len(texts), width), self.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        unk = self.manifest.unk_token_id
+        unknown: list[float] = []
+        for row, enc in enumerate(encodings):
+            ids[row, : lengths[row]] = enc.ids
+            mask[row, : lengths[row]] = 1
+            hits = sum(1 for t in enc.ids if t == unk) if unk is not None else 0
+            unknown.append(hits / max(lengths[row], 1))
+        truncated = [bool(e.overflowing) for e in encodings]
+        return Batch(ids, mask, lengths, truncated, unknown)
+
+
+class PackageRunner:
+    """One ONNX Runtime session over one variant of a package."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        variant: Variant = "fp32",
+        session_options: Any = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        if variant not in self.manifest.variants:
+            raise PackageError(
+                f"has no {variant} variant (has: {', '.join(self.manifest.variants)})",
+                path=self.directory,
+            )
+        self.variant = variant
+        self.tokenizer = PackageTokenizer(self.directory, self.manifest)
+        path = self.directory / self.manifest.variants[variant]
+        self.session = ort.InferenceSession(
+            str(path),
+            sess_options=session_options,
+            providers=list(providers or ["CPUExecutionProvider"]),
+        )
+
+    def run(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, embeddings) for an encoded batch."""
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        logits, embedding = self.session.run([LOGITS_OUTPUT, EMBEDDING_OUTPUT], feeds)
+        return np.asarray(logits, dtype=np.float32), np.asarray(embedding, dtype=np.float32)
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and pooled embeddings in input order, batched by similar length."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        probs = np.zeros((len(texts), len(self.manifest.labels)), dtype=np.float32)
+        embeds = np.zeros((len(texts), self.manifest.embedding_dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            logits, embedding = self.run(self.tokenizer.encode([texts[i] for i in chunk]))
+            probs[chunk] = softmax(logits)
+            embeds[chunk] = embedding
+        return probs, embeds
+
+    def labels(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+        """The predicted label of each text."""
+        probs, _ = self.predict(texts, batch_size)
+        return [self.manifest.labels[i] for i in probs.argmax(axis=1)]

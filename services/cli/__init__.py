@@ -1,0 +1,1 @@
+"""`loopline`: one command line for people and scripts."""

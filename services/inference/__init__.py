@@ -1,0 +1,1 @@
+"""Inference worker: Open Inference Protocol server over model packages (next issue)."""

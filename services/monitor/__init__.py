@@ -1,0 +1,1 @@
+"""Monitor: inference-record consumption, drift and live accuracy (later issue)."""

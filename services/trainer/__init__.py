@@ -1,0 +1,1 @@
+"""Trainer: data checks, fine-tuning, search, ONNX export, evaluation and registration."""

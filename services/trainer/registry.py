@@ -1,0 +1,284 @@
+"""MLflow: runs with parameters, metrics and the package; registered versions and aliases.
+
+Rollback needs memory: every promotion records the version `champion` held before in a tag on
+the registered model, so `rollback` can point the alias back without a person looking it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopline.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS_TAG = "loopline.previous_champion"
+PACKAGE_ARTIFACT_PATH = "package"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered version as the CLI shows it."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str | None
+    created_ms: int
+    tags: Mapping[str, str]
+    source: str
+
+
+def code_revision() -> str:
+    """The git commit this code runs from, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where an embedded store keeps artifacts: beside its SQLite file, never in the CWD.
+
+    MLflow's own default for a SQLite store is `./mlruns` relative to wherever the command ran;
+    a tracking server (http) decides for itself, so we leave it alone.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (database.parent / "artifacts").resolve().as_uri()
+
+
+class Registry:
+    """A thin layer over MlflowClient that speaks in our terms."""
+
+    def __init__(self, tracking_uri: str, registry_uri: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(
+            tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri
+        )
+
+    def ensure_experiment(self, name: str) -> str:
+        """The id of the named MLflow experiment, created on first use."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        location = artifact_location(self.tracking_uri)
+        return str(self.client.create_experiment(name, artifact_location=location))
+
+    def register(
+        self, name: str, run_id: str, artifact_uri: str, tags: Mapping[str, str], alias: str | None
+    ) -> str:
+        """Create a model version from a run's package artifacts; set the alias if given."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(
+                getattr(err, "error_code", "")
+            ):
+                raise
+        version = self.client.create_model_version(
+            name, source=artifact_uri, run_id=run_id, tags=dict(tags)
+        )
+        number = str(version.version)
+        if alias:
+            self.set_alias(name, alias, number)
+        return number
+
+    def set_alias(self, name: str, alias: str, version: str) -> str | None:
+        """Point an alias at a version; returns the version it held before (or None)."""
+        self._require_version(name, version)
+        before = self.alias_version(name, alias)
+        self.client.set_registered_model_alias(name, alias, version)
+        if alias == CHAMPION and before is not None and before != version:
+            self.client.set_registered_model_tag(name, PREVIOUS_TAG, before)
+        return before
+
+    def promote(self, name: str, version: str) -> str | None:
+        """Make a version the champion; remembers the previous champion for rollback."""
+        return self.set_alias(name, CHAMPION, version)
+
+    def rollback(self, name: str) -> tuple[str, str]:
+        """Point champion back at the version it held before the last promotion.
+
+        Returns (from_version, to_version). Rolling back twice returns to where it started,
+        which is what an operator undoing a rollback expects.
+        """
+        current = self.alias_version(name, CHAMPION)
+        model = self._registered(name)
+        previous = model.tags.get(PREVIOUS_TAG)
+        if current is None or previous is None:
+            raise FailedPrecondition(
+                f"model '{name}' has no earlier champion to roll back to; promote a version "
+                "first with `loopline models promote NAME VERSION`",
+                name=name,
+            )
+        self._require_version(name, previous)
+        self.client.set_registered_model_alias(name, CHAMPION, previous)
+        self.client.set_registered_model_tag(name, PREVIOUS_TAG, current)
+        return current, previous
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version an alias points at, or None when unset."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def versions(self, name: str | None = None) -> list[VersionInfo]:
+        """Every registered version (of one model, or of all), newest first."""
+        query = f"name = '{name}'" if name else ""
+        if name:
+            self._registered(name)
+        found = self.client.search_model_versions(query)
+        # Search results leave `aliases` empty; the registered model holds them.
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model_name in {v.name for v in found}:
+            for alias, number in (self._registered(model_name).aliases or {}).items():
+                aliases.setdefault((model_name, str(number)), []).append(alias)
+        infos = [
+            VersionInfo(
+                name=v.name,
+                version=str(v.version),
+                aliases=tuple(sorted(aliases.get((v.name, str(v.version)), []))),
+                run_id=v.run_id,
+                created_ms=int(v.creation_timestamp or 0),
+                tags=dict(v.tags or {}),
+                source=str(v.source),
+            )
+            for v in found
+        ]
+        return sorted(infos, key=lambda v: (v.name, -int(v.version)))
+
+    def download(self, name: str, ref: str, destination: Path) -> Path:
+        """Fetch a version's package (`ref` is a version number or an alias) into a folder."""
+        from mlflow.artifacts import download_artifacts
+
+        version = ref if ref.isdigit() else self.alias_version(name, ref)
+        if version is None:
+            raise NotFound(
+                "model alias", f"{name}@{ref}", f"list aliases with `loopline models list {name}`"
+            )
+        self._require_version(name, version)
+        # Resolve through our client: MLflow's `models:/` URIs follow the process-wide registry
+        # URI, not the one this Registry was built with.
+        uri = self.client.get_model_version_download_uri(name, version)
+        destination.mkdir(parents=True, exist_ok=True)
+        return Path(download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+
+    def _registered(self, name: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(name)
+        except MlflowException:
+            raise NotFound(
+                "registered model", name, "list models with `loopline models list`"
+            ) from None
+
+    def _require_version(self, name: str, version: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self._registered(name)
+        try:
+            self.client.get_model_version(name, version)
+        except MlflowException:
+            raise NotFound(
+                "model version",
+                f"{name}/{version}",
+                f"list versions with `loopline models list {name}`",
+            ) from None
+
+
+class RunLog:
+    """One MLflow run driven through the client API: no global MLflow state is touched, so the
+    trainer can run inside a service (or a test) that talks to another store at the same time."""
+
+    def __init__(self, client: Any, run_id: str, artifact_uri: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.artifact_uri = artifact_uri.rstrip("/")
+
+    @classmethod
+    def start(
+        cls, registry: Registry, experiment_id: str, name: str, parent: RunLog | None = None
+    ) -> RunLog:
+        tags = {"mlflow.runName": name}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent.run_id
+        run = registry.client.create_run(experiment_id, run_name=name, tags=tags)
+        return cls(registry.client, run.info.run_id, run.info.artifact_uri)
+
+    def params(self, values: Mapping[str, object]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        for start in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[start : start + 100])
+
+    def metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        for key, value in values.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), path)
+
+    def artifact(self, local_file: Path, path: str) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), path)
+
+    def finish(self, ok: bool) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+class NoRunLog(RunLog):
+    """Stands in when nothing is to be registered: every call does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "", "")
+
+    def params(self, values: Mapping[str, object]) -> None:
+        return None
+
+    def metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        return None
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        return None
+
+    def artifacts(self, local_dir: Path, path: str) -> None:
+        return None
+
+    def artifact(self, local_file: Path, path: str) -> None:
+        return None
+
+    def finish(self, ok: bool) -> None:
+        return None
