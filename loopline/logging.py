@@ -31,6 +31,10 @@ NOISY_LOGGERS = (
     "botocore",
     "matplotlib",
     "PIL",
+    "onnxruntime",
+    "optuna",
+    "transformers",
+    "urllib3",
 )
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.

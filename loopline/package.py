@@ -60,6 +60,8 @@ class Parity(BaseModel):
     int8_batch_label_flips: int | None = Field(
         None, description="labels that change between batched and one-at-a-time (int8)"
     )
+    fp16_max_abs_logit_diff: float | None = Field(None, description="max |fp16 - fp32| logits")
+    fp16_label_agreement: float | None = Field(None, description="fp16 labels equal to fp32")
     texts: int = Field(0, description="how many validation texts the figures cover")
 
 

@@ -13,8 +13,9 @@ from rich.console import Console
 from loopline.errors import ErrorKind, LooplineError
 from loopline.settings import default_mlflow_uri
 
-console = Console(stderr=True)
-out = Console()
+# Soft wrap: long paths in messages stay on one line, which scripts and people can both grep.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 # Exit codes by error kind: scripts can tell bad input (2) from missing things (3) and failures.
 EXIT_CODES = {ErrorKind.INVALID_INPUT: 2, ErrorKind.NOT_FOUND: 3, ErrorKind.FAILED_PRECONDITION: 4}

@@ -43,6 +43,8 @@ def _request(fields: dict[str, Any], recipe: dict[str, Any], spec: Path | None) 
     base = _load_spec(spec) if spec else {}
     base.update({k: v for k, v in fields.items() if v is not None})
     base.setdefault("train", {}).update({k: v for k, v in recipe.items() if v is not None})
+    if base.get("register_version", True):
+        base["mlflow_uri"] = resolve_mlflow_uri(base.get("mlflow_uri"))
     try:
         return TrainRequest.model_validate(base)
     except ValidationError as err:
@@ -100,14 +102,19 @@ def train(
         str | None, _opt("auto, fp32, fp16 or bf16.", "PRECISION", "--precision")
     ] = None,
     int8: Annotated[
-        bool, _opt("Also export the int8 CPU variant.", "INT8", "--int8/--no-int8")
-    ] = True,
+        bool | None,
+        _opt("Export the int8 CPU variant [default: yes].", "INT8", "--int8/--no-int8"),
+    ] = None,
     fp16: Annotated[
-        bool, _opt("Also export the fp16 GPU variant.", "FP16", "--fp16/--no-fp16")
-    ] = False,
+        bool | None,
+        _opt("Export the fp16 GPU variant [default: no].", "FP16", "--fp16/--no-fp16"),
+    ] = None,
     register: Annotated[
-        bool, _opt("Register the version in MLflow.", "REGISTER", "--register/--no-register")
-    ] = True,
+        bool | None,
+        _opt(
+            "Register the version in MLflow [default: yes].", "REGISTER", "--register/--no-register"
+        ),
+    ] = None,
     mlflow_uri: Annotated[
         str | None,
         typer.Option(
@@ -131,8 +138,8 @@ def train(
         trials=trials,
         int8=int8,
         fp16=fp16,
-        register=register,
-        mlflow_uri=resolve_mlflow_uri(mlflow_uri) if register else None,
+        register_version=register,
+        mlflow_uri=mlflow_uri,
     )
     recipe = dict(
         epochs=epochs,

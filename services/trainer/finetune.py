@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.trainer.modeling import SentenceClassifier
@@ -30,6 +30,8 @@ Metric = Literal["accuracy", "macro_f1"]
 
 class TrainConfig(BaseModel):
     """One training recipe. Defaults are the recipe measured on movie reviews (docs/training.md)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate of the encoder")
     head_learning_rate: float = Field(1e-3, gt=0, description="learning rate of the new head")

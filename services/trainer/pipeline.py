@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from loopline.errors import InvalidInput, NotFound
 from loopline.package import Manifest, Parity, write_manifest
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 class TrainRequest(BaseModel):
     """Everything one training job needs; the CLI flags and a SPEC.yaml map onto it."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt spec field is an error, not ignored
 
     data: Path = Field(description="training file: JSONL, CSV or Parquet")
     validation: Path | None = Field(None, description="validation file; else a stratified split")
@@ -277,6 +279,11 @@ def _parity(
         )
     if "int8" in variants:
         _int8_parity(package, texts, prep.val_y, parity, options)
+    if "fp16" in variants:
+        # Recorded, not gated: fp16 is for GPUs, where the worker checks it at load.
+        logits16 = _logits_of(PackageRunner(package, "fp16"), texts)
+        parity.fp16_max_abs_logit_diff = float(np.abs(logits16 - logits32).max())
+        parity.fp16_label_agreement = float((logits16.argmax(1) == logits32.argmax(1)).mean())
     return parity
 
 
@@ -364,10 +371,20 @@ def build_package(
     return manifest
 
 
+def with_preset(request: TrainRequest) -> TrainRequest:
+    """Fill what the job left unset from the base model's preset (today: the max length)."""
+    preset = preset_for(request.base_model)
+    if preset is None or "max_length" in request.train.model_fields_set:
+        return request
+    train = request.train.model_copy(update={"max_length": preset.max_length})
+    return request.model_copy(update={"train": train})
+
+
 def run_job(
     request: TrainRequest, progress: Progress = _noop, show_progress: bool = False
 ) -> JobResult:
     """The whole job. Raises LooplineError subclasses with actionable messages."""
+    request = with_preset(request)
     progress("validating data", {"data": str(request.data)})
     prep = prepare(request)
     progress(

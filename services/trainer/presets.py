@@ -1,9 +1,9 @@
 """Base models our users ask for, with the settings that fit them.
 
-Memory figures are for fine-tuning with AdamW at the preset batch size and max length, fp32 weights
-with mixed-precision activations on a GPU (measured on published model sizes: parameters x 16 bytes
-for weights, gradients and the two Adam moments, plus activations). They are planning figures for
-choosing a machine, not limits the trainer enforces.
+Memory figures are estimates for fine-tuning with AdamW at the preset batch size and max length on
+a GPU with mixed precision: parameters x 16 bytes (fp32 weights, gradients and two Adam moments)
+plus activations. They are for choosing a machine, not limits the trainer enforces. A preset's
+max length is used when the job does not set one.
 """
 
 from __future__ import annotations

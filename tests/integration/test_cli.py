@@ -131,3 +131,49 @@ def test_rollback_without_history_and_unknown_models(mlflow_store: MlflowStore) 
     assert "'nope' not found" in result.output
     result = _invoke("models", "promote", "nope", "1", "--mlflow-uri", mlflow_store.tracking_uri)
     assert result.exit_code == 3
+
+
+def test_spec_file_fields_with_flags_taking_precedence(
+    tmp_path: Path, tiny_model_factory: object, sentiment_files: tuple[Path, Path]
+) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"data: {sentiment_files[0]}\n"
+        f"validation: {sentiment_files[1]}\n"
+        f"base_model: {tiny_model_factory('bert')}\n"  # type: ignore[operator]
+        "name: from-spec\n"
+        "int8: false\n"
+        "train:\n  epochs: 1\n  batch_size: 16\n  max_length: 24\n"
+    )
+    result = _invoke(
+        "train",
+        "--spec",
+        str(spec),
+        "--max-length",
+        "16",
+        "--no-register",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "package" / "loopline.json").read_text())
+    assert manifest["name"] == "from-spec"
+    assert manifest["max_length"] == 16
+    assert set(manifest["variants"]) == {"fp32"}
+
+
+def test_unreadable_spec_is_invalid_input(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("- just\n- a list\n")
+    result = _invoke("train", "--spec", str(spec))
+    assert result.exit_code == 2
+    assert "must be a mapping" in result.output
+
+
+def test_misspelt_spec_field_is_named(tmp_path: Path, sentiment_files: tuple[Path, Path]) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"data: {sentiment_files[0]}\nepocs: 3\n")
+    result = _invoke("train", "--spec", str(spec), "--no-register")
+    assert result.exit_code == 2
+    assert "epocs" in result.output

@@ -63,7 +63,7 @@ def trained(
     folder = tmp_path_factory.mktemp("bert-job")
     store = clone_store(mlflow_template, folder / "store")
     base = tiny_model_factory("bert")  # type: ignore[operator]
-    result = _train(base, sentiment_files, store, folder / "out")
+    result = _train(base, sentiment_files, store, folder / "out", fp16=True)
     return {"result": result, "store": store, "folder": folder}
 
 
@@ -243,3 +243,14 @@ def test_search_runs_trials_as_child_runs_and_exports_the_best(
         filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'",
     )
     assert len(children) == 3
+
+
+def test_optional_fp16_variant_agrees_with_fp32(trained: dict[str, object]) -> None:
+    result = trained["result"]
+    assert isinstance(result, JobResult)
+    manifest = read_manifest(result.package_dir)
+    assert manifest.variants["fp16"] == "model.fp16.onnx"
+    assert manifest.parity is not None
+    assert manifest.parity.fp16_label_agreement == 1.0
+    assert manifest.parity.fp16_max_abs_logit_diff is not None
+    assert manifest.parity.fp16_max_abs_logit_diff < 0.05

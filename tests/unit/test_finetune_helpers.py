@@ -76,3 +76,15 @@ def test_default_base_model_resolves_offline_to_the_packaged_weights() -> None:
 
 def test_other_ids_pass_through_for_users_with_a_network() -> None:
     assert resolve_base_model("roberta-large") == ("roberta-large", "roberta-large")
+
+
+def test_preset_max_length_applies_only_when_unset(tmp_path: Path) -> None:
+    from services.trainer.finetune import TrainConfig
+    from services.trainer.pipeline import TrainRequest, with_preset
+
+    default = TrainRequest(data=tmp_path / "d.jsonl")
+    assert with_preset(default).train.max_length == PRESETS[DEFAULT_BASE_MODEL].max_length
+    explicit = TrainRequest(data=tmp_path / "d.jsonl", train=TrainConfig(max_length=64))
+    assert with_preset(explicit).train.max_length == 64
+    unknown = TrainRequest(data=tmp_path / "d.jsonl", base_model=str(tmp_path))
+    assert with_preset(unknown).train.max_length == TrainConfig().max_length
