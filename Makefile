@@ -6,13 +6,14 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 EXTRAS ?= router,inference,trainer,monitor,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format protos protos-check clean help
+.PHONY: setup test lint format protos protos-check bench clean help
 
 help:
 	@echo "make setup   virtual environment .venv with every dependency (idempotent)"
 	@echo "make test    protos check + the test suite (installs first when needed)"
 	@echo "make lint    ruff check, ruff format --check, mypy --strict"
 	@echo "make protos  regenerate Python stubs from protos/"
+	@echo "make bench   benchmarks; figures in bench/results/ (BENCH_ARGS=--package DIR)"
 
 setup: $(STAMP)
 
@@ -38,6 +39,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+BENCH_ARGS ?=
+bench: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.inference $(BENCH_ARGS)
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -46,6 +46,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.asarray(exp / exp.sum(axis=-1, keepdims=True), dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """One text's token ids (truncated, unpadded) and what a record needs about them."""
+
+    ids: list[int]
+    truncated: bool
+    unknown_share: float
+
+
+def padded_width(longest: int) -> int:
+    """The batch width for a longest row: rounded up to a multiple of 8 (never 0)."""
+    return max(PAD_MULTIPLE, math.ceil(longest / PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad to the longest row, rounded up to a multiple of 8 (SIMD and tensor-core friendly)."""
+    width = padded_width(max((len(row) for row in ids), default=0))
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
 class PackageTokenizer:
     """The package's `tokenizer.json`, truncating to the manifest's max length."""
 
@@ -57,22 +82,27 @@ class PackageTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=manifest.max_length)
 
-    def encode(self, texts: Sequence[str]) -> Batch:
-        """Tokenize in one call (the Rust tokenizer releases the GIL) and pad to a multiple of 8."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        lengths = [len(e.ids) for e in encodings]
-        width = max(PAD_MULTIPLE, math.ceil(max(lengths) / PAD_MULTIPLE) * PAD_MULTIPLE)
-        ids = np.full((len(texts), width), self.manifest.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
+    def tokenize(self, texts: Sequence[str]) -> list[Tokens]:
+        """One batched call of the Rust tokenizer (it releases the GIL)."""
         unk = self.manifest.unk_token_id
-        unknown: list[float] = []
-        for row, enc in enumerate(encodings):
-            ids[row, : lengths[row]] = enc.ids
-            mask[row, : lengths[row]] = 1
-            hits = sum(1 for t in enc.ids if t == unk) if unk is not None else 0
-            unknown.append(hits / max(lengths[row], 1))
-        truncated = [bool(e.overflowing) for e in encodings]
-        return Batch(ids, mask, lengths, truncated, unknown)
+        out = []
+        for enc in self._tokenizer.encode_batch(list(texts)):
+            ids = list(enc.ids)
+            unknown = sum(1 for t in ids if t == unk) / max(len(ids), 1) if unk is not None else 0.0
+            out.append(Tokens(ids, bool(enc.overflowing), unknown))
+        return out
+
+    def encode(self, texts: Sequence[str]) -> Batch:
+        """Tokenize and pad one batch."""
+        tokens = self.tokenize(texts)
+        input_ids, mask = pad([t.ids for t in tokens], self.manifest.pad_token_id)
+        return Batch(
+            input_ids,
+            mask,
+            [len(t.ids) for t in tokens],
+            [t.truncated for t in tokens],
+            [t.unknown_share for t in tokens],
+        )
 
 
 class PackageRunner:

@@ -12,6 +12,7 @@ pytest_plugins = [
     "tests.fixtures.mlflow_store",
     "tests.fixtures.tiny_models",
     "tests.fixtures.sentiment_text",
+    "tests.fixtures.packages",
 ]
 
 STRAY = ("mlflow.db", "mlruns", "mlartifacts")

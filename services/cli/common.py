@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from loopline.errors import ErrorKind, LooplineError
-from loopline.settings import default_mlflow_uri
+from loopline.settings import SettingsError, default_mlflow_uri
 
 # Soft wrap: long paths in messages stay on one line, which scripts and people can both grep.
 console = Console(stderr=True, soft_wrap=True)
@@ -41,5 +41,8 @@ def reports_errors(func: F) -> F:
         except LooplineError as err:
             console.print(f"[bold red]error:[/] {err.message}", highlight=False)
             raise typer.Exit(EXIT_CODES.get(err.kind, 1)) from None
+        except SettingsError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from loopline.logging import configure_logging
-from services.cli import models, train
+from services.cli import models, serve, train
 from services.cli.common import out
 
 app = typer.Typer(
@@ -67,6 +67,7 @@ def presets() -> None:
 
 app.command(name="train", help=train.HELP)(train.train)
 app.add_typer(models.app, name="models")
+app.add_typer(serve.app, name="serve")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from services.cli.common import mlflow_uri as resolve_mlflow_uri
 from services.cli.common import out, reports_errors
 
 if TYPE_CHECKING:
-    from services.trainer.registry import Registry
+    from loopline.registry import Registry
 
 app = typer.Typer(help="Registered models, versions and aliases (MLflow).", no_args_is_help=True)
 
@@ -27,7 +27,7 @@ MlflowUri = Annotated[
 
 
 def _registry(uri: str | None) -> Registry:
-    from services.trainer.registry import Registry
+    from loopline.registry import Registry
 
     return Registry(resolve_mlflow_uri(uri))
 

@@ -84,7 +84,8 @@ class TrainResult:
     device: str = "cpu"
     precision: str = "fp32"
     seconds: float = 0.0
-    stopped_early: bool = False
+    stopped_early: bool = False  # by patience or by the search's pruner
+    pruned: bool = False  # by the search's pruner
 
 
 def seed_everything(seed: int) -> None:
@@ -318,6 +319,7 @@ class Trainer:
             state.evals_without_gain += 1
         patience = self.config.patience * self.config.evals_per_epoch
         pruned = self.should_stop is not None and self.should_stop(record)
+        result.pruned = pruned
         result.stopped_early = pruned or state.evals_without_gain >= patience
         return result.stopped_early
 

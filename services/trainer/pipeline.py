@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loopline.errors import InvalidInput, NotFound
 from loopline.package import Manifest, Parity, write_manifest
+from loopline.registry import PACKAGE_ARTIFACT_PATH, Registry
 from loopline.runtime import PackageRunner, softmax
 from services.trainer import data as datalib
 from services.trainer import export as exportlib
@@ -38,14 +39,8 @@ from services.trainer.finetune import (
 from services.trainer.modeling import SentenceClassifier, build_classifier, save_checkpoint
 from services.trainer.presets import preset_for, resolve_base_model
 from services.trainer.reference import build_reference
-from services.trainer.registry import (
-    PACKAGE_ARTIFACT_PATH,
-    NoRunLog,
-    Registry,
-    RunLog,
-    code_revision,
-)
 from services.trainer.search import run_search
+from services.trainer.tracking import NoRunLog, RunLog, code_revision
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +99,8 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 
 def _noop(stage: str, fields: dict[str, Any]) -> None:
-    log.info(stage, extra=fields)
+    # Prefixed: a field called `name` or `message` would collide with LogRecord's own attributes.
+    log.info(stage, extra={f"job_{key}": value for key, value in fields.items()})
 
 
 def load_tokenizer(source: str, name: str) -> Any:
@@ -220,7 +216,7 @@ def _search(
             run.params(config.model_dump())
             model, result = _train_once(prep, config, run, ctx.show_progress, should_stop)
             run.metrics({f"best_{config.metric}": result.best_metric})
-            run.tags({"pruned": str(result.stopped_early)})
+            run.tags({"pruned": str(result.pruned), "stopped_early": str(result.stopped_early)})
         ctx.progress("trial done", {"trial": number, "score": result.best_metric})
         return model, result
 

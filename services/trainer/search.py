@@ -96,7 +96,7 @@ def run_search(
         outcomes.append(outcome)
         if not best or outcome.score > best["outcome"].score:
             best.update(outcome=outcome, model=model)
-        if result.stopped_early and trial.should_prune():
+        if result.pruned:
             raise optuna.TrialPruned()
         return result.best_metric
 

@@ -14,24 +14,13 @@ from pathlib import Path
 import pytest
 
 from loopline.package import read_manifest
-from services.trainer.finetune import TrainConfig, encode, predict, select_device
+from loopline.registry import Registry
+from services.trainer.finetune import encode, predict, select_device
 from services.trainer.modeling import load_checkpoint
 from services.trainer.pipeline import JobResult, TrainRequest, run_job
-from services.trainer.registry import Registry
 from tests.fixtures.mlflow_store import MlflowStore
+from tests.fixtures.packages import TINY_RECIPE
 from tests.fixtures.tiny_models import FAMILIES
-
-# A recipe a two-layer random model learns the trivial task with, in about a second.
-TINY_RECIPE = TrainConfig(
-    epochs=5,
-    batch_size=16,
-    learning_rate=3e-3,
-    head_learning_rate=1e-2,
-    max_length=32,
-    warmup_ratio=0.0,
-    dropout=0.0,
-    patience=3,
-)
 
 
 def _train(

@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: figures printed and written to bench/results/, never asserted."""

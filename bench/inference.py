@@ -1,0 +1,294 @@
+"""Worker throughput and latency over gRPC against the in-process ONNX Runtime ceiling.
+
+    python -m bench.inference [--package DIR] [--variant int8] [--seconds 8]
+
+Without --package, the base all-MiniLM-L6-v2 (from its PyPI package, no network) is exported with
+a seeded random head: the compute is the same as a fine-tuned package's, which is all that speed
+depends on. Texts: the 1,000 movie-review validation sentences from ../shared/data.
+
+Measured in one run, on one machine, so the ratios hold even when the machine is noisy:
+1. in-process: the same ORT session options the worker uses, length-sorted batches of several
+   sizes; the best sentences/s is the ceiling, batch 1 gives the latency floor;
+2. a worker process (`python -m services.inference`) driven by a grpc.aio load generator, one text
+   per request, at several concurrencies: sentences/s and p50/p95/p99 latency;
+3. the worker's RSS after the load.
+Results: bench/results/inference.json and bench/results/inference.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "movie_reviews" / "validation.jsonl"
+RESULTS = ROOT / "bench" / "results"
+CONCURRENCIES = (1, 4, 16, 32, 64)
+BATCH_SIZES = (1, 8, 16, 32, 64)
+
+
+def texts() -> list[str]:
+    return [json.loads(line)["text"] for line in DATA.read_text().splitlines() if line.strip()]
+
+
+def export_base_package(directory: Path) -> Path:
+    """MiniLM with a seeded random head, exported exactly as `loopline train` exports."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from loopline.package import Manifest, write_manifest
+    from services.trainer.export import ExportOptions, save_tokenizer, write_graphs
+    from services.trainer.modeling import build_classifier
+    from services.trainer.presets import resolve_base_model
+
+    source, name = resolve_base_model(None)
+    torch.manual_seed(0)
+    model = build_classifier(source, 2)
+    variants, optimization = write_graphs(model.eval(), directory, ExportOptions(int8=True))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    save_tokenizer(tokenizer, directory)
+    write_manifest(
+        directory,
+        Manifest(
+            name="bench",
+            version="1",
+            labels=["negative", "positive"],
+            max_length=128,
+            pad_token_id=int(tokenizer.pad_token_id),
+            unk_token_id=tokenizer.unk_token_id,
+            embedding_dim=384,
+            architecture="bert",
+            base_model=name,
+            variants=variants,
+            default_cpu_variant="int8",
+            optimization=optimization,
+        ),
+    )
+    return directory
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(array, q)), 3) for q in (50, 95, 99)}
+
+
+def in_process(package: Path, variant: str, corpus: list[str]) -> dict[str, Any]:
+    """The ceiling: the worker's engine called directly, no queue, no network."""
+    from loopline.package import read_manifest
+    from loopline.runtime import PackageTokenizer, pad
+    from services.inference.engines.onnx import OnnxEngine, OnnxOptions
+
+    manifest = read_manifest(package)
+    engine = OnnxEngine.load(package, manifest, OnnxOptions(cpu_variant=variant))  # type: ignore[arg-type]
+    tokens = PackageTokenizer(package, manifest).tokenize(corpus)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
+    rows: dict[str, Any] = {"variant": engine.variant, "batches": {}}
+    for size in BATCH_SIZES:
+        started = time.perf_counter()
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            engine.run(*pad([tokens[i].ids for i in chunk], manifest.pad_token_id))
+        rows["batches"][size] = round(len(order) / (time.perf_counter() - started), 1)
+    lone = []
+    for index in range(0, len(tokens), 5):
+        started = time.perf_counter()
+        engine.run(*pad([tokens[index].ids], manifest.pad_token_id))
+        lone.append(time.perf_counter() - started)
+    rows["ceiling_sentences_per_s"] = max(rows["batches"].values())
+    rows["batch1_latency"] = percentiles(lone)
+    engine.close()
+    return rows
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_worker(package: Path, variant: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(
+        os.environ,
+        LOOPLINE_INFERENCE_MODELS=json.dumps([str(package)]),
+        LOOPLINE_INFERENCE_PORT=str(port),
+        LOOPLINE_INFERENCE_CPU_VARIANT=variant,
+        LOOPLINE_INFERENCE_RECORDS="0",
+        LOOPLINE_INFERENCE_MAX_QUEUE_DELAY_MS="0",
+        LOOPLINE_INFERENCE_CACHE_DIR=str(home / "cache"),
+        LOOPLINE_REDIS_URL="redis://127.0.0.1:1/0",
+        LOOPLINE_LOG_LEVEL="WARNING",
+        LOOPLINE_INFERENCE_HEARTBEAT_SECONDS="3600",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.inference"],
+        env=env,
+        stdout=(home / "worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return process, f"127.0.0.1:{port}"
+
+
+async def wait_ready(address: str, timeout: float = 120) -> None:
+    import grpc
+
+    from loopline.oip import grpc_service_pb2 as pb
+    from loopline.oip import grpc_service_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if (await stub.ServerReady(pb.ServerReadyRequest(), timeout=1)).ready:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(address)
+
+
+async def drive(
+    address: str, corpus: list[str], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """`concurrency` callers, one text per request, for `seconds`."""
+    import grpc
+
+    from loopline.oip import grpc_service_pb2 as pb
+    from loopline.oip import grpc_service_pb2_grpc as pb_grpc
+    from services.inference.convert import encode_bytes_tensor
+
+    requests = []
+    for text in corpus:
+        request = pb.ModelInferRequest(model_name="bench")
+        request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.outputs.add(name="label")
+        request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
+        requests.append(request)
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def caller(offset: int) -> None:
+            nonlocal errors
+            index = offset
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    await stub.ModelInfer(requests[index % len(requests)], timeout=30)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                index += concurrency
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        elapsed = time.monotonic() - started
+    return {
+        "concurrency": concurrency,
+        "sentences_per_s": round(len(latencies) / elapsed, 1),
+        "requests": len(latencies),
+        "errors": errors,
+        **percentiles(latencies),
+    }
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["worker"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["sentences_per_s"] for r in rows], [r["p50_ms"] for r in rows], "o-", label="p50")
+    ax.plot([r["sentences_per_s"] for r in rows], [r["p99_ms"] for r in rows], "s--", label="p99")
+    for r in rows:
+        ax.annotate(str(r["concurrency"]), (r["sentences_per_s"], r["p50_ms"]))
+    ax.axvline(
+        results["in_process"]["ceiling_sentences_per_s"],
+        color="grey",
+        linestyle=":",
+        label="in-process ceiling",
+    )
+    ax.set_xlabel("sentences/s")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"worker ({results['variant']}) throughput vs latency, by concurrency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
+    corpus = texts()
+    results: dict[str, Any] = {
+        "variant": variant,
+        "texts": len(corpus),
+        "cpu_count": os.cpu_count(),
+        "package": str(package),
+    }
+    results["in_process"] = in_process(package, variant, corpus)
+    with tempfile.TemporaryDirectory() as home:
+        process, address = start_worker(package, variant, Path(home))
+        try:
+            await wait_ready(address)
+            await drive(address, corpus, 4, 2.0)  # warm-up
+            results["worker"] = [await drive(address, corpus, c, seconds) for c in CONCURRENCIES]
+            results["worker_rss_mb"] = rss_mb(process.pid)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    best = max(r["sentences_per_s"] for r in results["worker"])
+    ceiling = results["in_process"]["ceiling_sentences_per_s"]
+    lone = results["worker"][0]["p50_ms"] - results["in_process"]["batch1_latency"]["p50_ms"]
+    results["summary"] = {
+        "worker_best_sentences_per_s": best,
+        "ceiling_sentences_per_s": ceiling,
+        "worker_vs_ceiling": round(best / ceiling, 3),
+        "lone_request_overhead_ms": round(lone, 3),
+        "worker_rss_mb": results["worker_rss_mb"],
+    }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--package", type=Path, help="model package folder (default: base MiniLM)")
+    parser.add_argument("--variant", default="int8", choices=["int8", "fp32"])
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    package = args.package or export_base_package(RESULTS / "minilm-package")
+    results = asyncio.run(run(package, args.variant, args.seconds))
+    (RESULTS / "inference.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "inference.png")
+    print(json.dumps(results["in_process"], indent=2))
+    for row in results["worker"]:
+        print(row)
+    print(json.dumps(results["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

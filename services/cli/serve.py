@@ -1,0 +1,52 @@
+"""`loopline serve <service>`: run one service in the foreground (SIGTERM drains it)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from services.cli.common import reports_errors
+
+app = typer.Typer(help="Run one Loopline service in the foreground.", no_args_is_help=True)
+
+
+def _overrides(**values: Any) -> dict[str, Any]:
+    """Only what was given on the command line; the rest comes from LOOPLINE_* variables."""
+    return {k: v for k, v in values.items() if v is not None and v != []}
+
+
+@app.command()
+@reports_errors
+def inference(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION or a package folder; repeat "
+            "for several. [env: LOOPLINE_INFERENCE_MODELS as a JSON list]",
+        ),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="gRPC port (OIP). [env: LOOPLINE_INFERENCE_PORT]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Texts per batch.")] = None,
+    max_queue_delay_ms: Annotated[float | None, typer.Option(help="Batching delay.")] = None,
+    cpu_variant: Annotated[str | None, typer.Option(help="int8 or fp32 on CPU.")] = None,
+) -> None:
+    """An inference worker: the Open Inference Protocol over model packages."""
+    from services.inference.main import main
+
+    main(
+        **_overrides(
+            models=model,
+            port=port,
+            host=host,
+            metrics_port=metrics_port,
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            cpu_variant=cpu_variant,
+        )
+    )

@@ -1,0 +1,1 @@
+"""Engines: one small synchronous interface, implementations registered by name."""

@@ -1,0 +1,171 @@
+"""The worker heartbeat, by which routers discover inference workers.
+
+Discovery contract (routers rely on exactly this):
+
+- A worker that serves at `endpoint` (the `host:port` a router dials) SETs the key
+  `<prefix><endpoint>` (prefix `loopline:workers:` by default) every `interval` seconds, with an
+  expiry of `ttl` seconds (SET ... PX), to a JSON object::
+
+      {"endpoint": "10.0.0.5:8001",
+       "models": [{"name": "sentiment", "version": "3", "aliases": ["prod"], "ready": true}],
+       "queue_depth": 12, "started_at": 1718000000.0, "updated_at": 1718000042.5, "pid": 4242}
+
+  Times are unix seconds. `describe()` supplies `models` and `queue_depth` (and may add fields);
+  the heartbeat adds the rest.
+- A key that exists is a live worker; the key expiring (crash, partition) or being deleted
+  (graceful `stop`) takes it out of rotation. `ttl` is a few intervals, so one late beat does not.
+- Routers list workers with `SCAN MATCH <prefix>*` and MGET (`list_workers`). There is no index
+  set on purpose: with expiry as the only liveness signal nothing can go stale in an index.
+- Only models with `ready: true` may be routed to.
+
+A Redis outage is logged once and retried every interval; the heartbeat never raises into the
+worker. When Redis comes back (even empty, after a restart) the next beat recreates the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from loopline.logging import get_logger
+from loopline.redis import connect
+
+__all__ = ["DEFAULT_PREFIX", "Heartbeat", "list_workers"]
+
+log = get_logger(__name__)
+
+DEFAULT_PREFIX = "loopline:workers:"
+_OUTAGE_ERRORS = (RedisError, OSError)
+
+
+class Heartbeat:
+    """Keeps `<key_prefix><endpoint>` alive in Redis while the worker runs; see the module doc."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        key_prefix: str = DEFAULT_PREFIX,
+        *,
+        endpoint: str,
+        describe: Callable[[], Mapping[str, Any]],
+        ttl: float = 10.0,
+        interval: float = 3.0,
+    ) -> None:
+        if not 0 < interval < ttl:
+            raise ValueError(f"heartbeat interval ({interval}s) must be positive and below ttl")
+        # A beat that fails is simply the next beat's job; client-side retries would only stall.
+        self._client: aioredis.Redis = connect(
+            redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
+        self.key = key_prefix + endpoint
+        self.endpoint = endpoint
+        self._describe = describe
+        self._ttl_ms = int(ttl * 1000)
+        self._interval = interval
+        self.started_at = time.time()
+        self.beats = 0  # successful SETs, for tests and debugging
+        self._failing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON object the next beat writes."""
+        described = dict(self._describe())
+        return {
+            **described,  # extra fields first, so they can never shadow the contract's own
+            "endpoint": self.endpoint,
+            "models": described.get("models", []),
+            "queue_depth": described.get("queue_depth", 0),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "pid": os.getpid(),
+        }
+
+    async def beat(self) -> bool:
+        """Write the key once; False (after logging, once per outage) when that failed."""
+        try:
+            value = json.dumps(self.payload(), separators=(",", ":"))
+        except Exception:  # describe() is the worker's code; a bug there must not stop the loop
+            log.exception("heartbeat describe() failed; skipping this beat")
+            return False
+        try:
+            await self._client.set(self.key, value, px=self._ttl_ms)
+        except _OUTAGE_ERRORS as err:
+            self._note_failure(err)
+            return False
+        self._note_success()
+        return True
+
+    def start(self) -> None:
+        """Beat now and then every `interval` seconds, on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        """Stop beating and delete the key so routers drop this worker at once (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+            self._task = None
+        try:
+            await self._client.delete(self.key)
+        except _OUTAGE_ERRORS as err:  # the TTL removes it soon anyway
+            log.info(
+                "could not delete the heartbeat key; it will expire", extra={"error": repr(err)}
+            )
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(self._interval)
+
+    def _note_failure(self, err: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "heartbeat: Redis unreachable; routers will not see this worker until it is back",
+                extra={"key": self.key, "error": repr(err)},
+            )
+
+    def _note_success(self) -> None:
+        self.beats += 1
+        if self._failing:
+            self._failing = False
+            log.info("heartbeat: Redis reachable again", extra={"key": self.key})
+
+
+async def list_workers(
+    client: aioredis.Redis, prefix: str = DEFAULT_PREFIX
+) -> list[dict[str, Any]]:
+    """The live workers' heartbeat objects, sorted by endpoint (SCAN, then one MGET)."""
+    keys = [key async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=500)]
+    if not keys:
+        return []
+    values = await client.mget(keys)
+    workers = [worker for value in values if (worker := _parse(value)) is not None]
+    return sorted(workers, key=lambda worker: str(worker.get("endpoint", "")))
+
+
+def _parse(value: bytes | str | None) -> dict[str, Any] | None:
+    if value is None:  # expired between SCAN and MGET
+        return None
+    try:
+        worker = json.loads(value)
+    except ValueError:
+        log.warning("ignoring an unreadable heartbeat", extra={"value": repr(value[:200])})
+        return None
+    return worker if isinstance(worker, dict) else None
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters SCAN MATCH treats as a pattern."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)

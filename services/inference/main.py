@@ -1,0 +1,221 @@
+"""Wiring and startup of one inference worker (`loopline serve inference`, `python -m
+services.inference`).
+
+Logging is configured before anything heavy is imported; the server starts NOT_SERVING, loads
+every model source (warming each up), then turns SERVING. SIGTERM: stop accepting, finish what was
+accepted, flush the inference records, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from loopline.logging import configure_logging
+from loopline.package import Manifest
+from loopline.runtime import Tokens
+from loopline.settings import load_settings
+from services.inference.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Worker:
+    """Everything one worker process runs, built from settings (also used in-process by tests)."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        from services.inference.batching import Batcher, BatchSettings
+        from services.inference.engines.base import EngineKind
+        from services.inference.engines.onnx import OnnxOptions, detect_devices
+        from services.inference.engines.registry import create_engine
+        from services.inference.handlers import DataPlane
+        from services.inference.metrics import InferenceMetrics
+        from services.inference.models import ModelRepository, PackageStore
+
+        self.settings = settings
+        self.metrics = InferenceMetrics()
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(4, 2 * settings.concurrency), thread_name_prefix="engine"
+        )
+        options = OnnxOptions(
+            providers=tuple(settings.providers),
+            cpu_variant=settings.cpu_variant,
+            gpu_variant=settings.gpu_variant,
+            intra_op_threads=settings.intra_op_threads,
+            cuda_mem_limit_bytes=(settings.cuda_mem_limit_mb or 0) * 2**20 or None,
+            trt_engine_cache=settings.trt_engine_cache,
+            trt_workspace_bytes=settings.trt_workspace_mb * 2**20,
+        )
+        batch = BatchSettings(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue_delay=settings.max_queue_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            concurrency=settings.concurrency,
+        )
+
+        def build(directory: Path, manifest: Manifest) -> tuple[Any, Any]:
+            engine = create_engine(EngineKind.ONNX, directory, manifest, options)
+            label = manifest.name
+            batcher = Batcher(
+                engine.run,
+                manifest.pad_token_id,
+                batch,
+                executor=self.executor,
+                name=label,
+                on_batch=lambda s: self.metrics.batch(label, s),
+            )
+            return engine, batcher
+
+        log.info("devices", extra=detect_devices())
+        store = PackageStore(settings.cache_dir, settings.mlflow_uri)
+        self.repository = ModelRepository(store, build, settings.max_batch_size)
+        self.records = self._record_writer()
+        self.plane = DataPlane(
+            self.repository,
+            settings.max_text_chars,
+            self.executor,
+            record=self._record if self.records is not None else None,
+        )
+        self.ready = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.heartbeat: Any = None
+
+    def _record_writer(self) -> Any:
+        if not self.settings.records:
+            return None
+        from services.inference.records import RecordWriter
+
+        return RecordWriter(
+            self.settings.redis_url,
+            self.settings.record_stream,
+            maxlen=self.settings.record_maxlen,
+            spool_path=self.settings.spool_path,
+            spool_max_bytes=self.settings.spool_max_mb * 2**20,
+        )
+
+    def _record(
+        self, model: Any, request: Any, tokens: Sequence[Tokens], results: Sequence[Any]
+    ) -> None:
+        """One record per text; never blocks and never raises into the request."""
+        from services.inference.records import InferenceRecord
+
+        labels = model.manifest.labels
+        now = time.time()
+        params = request.parameters
+        for index, (token, result) in enumerate(zip(tokens, results, strict=True)):
+            probs = result.probabilities
+            self.records.submit(
+                InferenceRecord(
+                    request_id=request.request_id
+                    if len(tokens) == 1
+                    else f"{request.request_id}:{index}",
+                    time=now,
+                    model=model.name,
+                    version=model.version,
+                    experiment=params.get("experiment", ""),
+                    variant=params.get("variant", ""),
+                    user_bucket=params.get("user_bucket", ""),
+                    label=labels[int(probs.argmax())],
+                    probabilities=[float(p) for p in probs],
+                    labels=labels,
+                    token_count=len(token.ids),
+                    unknown_share=token.unknown_share,
+                    truncated=token.truncated,
+                    queue_ms=result.queue_seconds * 1000,
+                    compute_ms=result.compute_seconds * 1000,
+                    batch_size=result.batch_size,
+                    sketch=[float(x) for x in result.embedding @ model.sketch],
+                    text=request.texts[index] if self.settings.log_text else None,
+                )
+            )
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        from loopline.oip import grpc_service_pb2_grpc as pb_grpc
+        from services.inference.servicer import InferenceServicer, service_name
+
+        token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
+        servicer = InferenceServicer(
+            self.plane, VERSION, self.settings.max_batch_size, lambda: self.ready, admin_token=token
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        return [service_name()]
+
+    async def start(self, endpoint: str) -> None:
+        """Records, models (each warmed up), alias watching, heartbeat; then ready."""
+        from services.inference.heartbeat import Heartbeat
+        from services.inference.models import ModelSource
+
+        if self.records is not None:
+            self.records.start()
+        sources = [ModelSource.parse(text) for text in self.settings.models]
+        for source in sources:
+            model = await self.repository.add(source)
+            self.metrics.load_seconds.labels(model.name, model.version).set(model.load_seconds)
+        self.metrics.loaded.set(len(self.repository.served()))
+        self._tasks.append(
+            asyncio.create_task(
+                self.repository.watch(self.settings.alias_poll_seconds), name="alias-watch"
+            )
+        )
+        self.heartbeat = Heartbeat(
+            self.settings.redis_url,
+            endpoint=endpoint,
+            interval=self.settings.heartbeat_seconds,
+            describe=self.describe,
+        )
+        self.heartbeat.start()
+        self.ready = True
+
+    def describe(self) -> dict[str, Any]:
+        models = [m.describe() for m in self.repository.served()]
+        return {"models": models, "queue_depth": self.repository.queue_depth(), "pid": os.getpid()}
+
+    async def stop(self) -> None:
+        """Drain every model, flush records, leave the worker registry."""
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.repository.close()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        if self.records is not None:
+            await self.records.flush_and_close(timeout=self.settings.grace_period_seconds)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Run a worker until SIGTERM/SIGINT."""
+    from loopline.grpc_server import GrpcServer
+
+    worker = Worker(settings)
+    server = GrpcServer(settings, worker.register, name="inference", on_shutdown=[worker.stop])
+    port = await server.start(serving=False)
+    endpoint = settings.advertise or f"{settings.host}:{port}"
+    await worker.start(endpoint)
+    await server.set_serving(True)
+    log.info(
+        "worker serving",
+        extra={"endpoint": endpoint, "models": [m.describe() for m in worker.repository.served()]},
+    )
+    await server.run_until_signal()
+
+
+def main(**overrides: Any) -> None:
+    """Settings from LOOPLINE_INFERENCE_* (and the shared LOOPLINE_*); overrides win."""
+    settings = load_settings(InferenceSettings, **overrides)
+    configure_logging(settings.log_level, json=settings.log_json)
+    asyncio.run(serve(settings))

@@ -1,0 +1,271 @@
+"""A real worker process on loopback: the Open Inference Protocol, status codes, records.
+
+The worker runs as `python -m services.inference` configured by LOOPLINE_* variables, exactly as
+an operator starts it, with a private Redis; tritonclient (a standard OIP client) and our own
+generated stubs talk to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from loopline.oip import grpc_service_pb2 as pb
+from loopline.oip import grpc_service_pb2_grpc as pb_grpc
+from loopline.runtime import PackageRunner
+from services.inference.convert import encode_bytes_tensor
+from tests.fixtures.redis import RedisServer
+
+TEXTS = ["the film was great overall", "the plot was awful again", "this movie was lovely"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"worker exited with {process.returncode}")
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"worker at {address} not SERVING after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def worker(
+    tiny_package: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, object]]:
+    """A worker process serving the tiny package; stopped with SIGTERM at the end."""
+    home = tmp_path_factory.mktemp("worker")
+    port, metrics_port = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        LOOPLINE_INFERENCE_MODELS=json.dumps([str(tiny_package)]),
+        LOOPLINE_INFERENCE_PORT=str(port),
+        LOOPLINE_INFERENCE_METRICS_PORT=str(metrics_port),
+        LOOPLINE_INFERENCE_CACHE_DIR=str(home / "cache"),
+        LOOPLINE_INFERENCE_SPOOL_PATH=str(home / "spool.jsonl"),
+        LOOPLINE_INFERENCE_MAX_TEXT_CHARS="2000",
+        LOOPLINE_REDIS_URL=redis_server.url,
+        LOOPLINE_MLFLOW_URI=f"sqlite:///{home}/mlflow.db",
+        LOOPLINE_LOG_JSON="1",
+    )
+    log = (home / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.inference"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_serving(address, process)
+        yield {
+            "address": address,
+            "process": process,
+            "metrics_port": metrics_port,
+            "log": home / "worker.log",
+            "redis": redis_server,
+        }
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        log.close()
+
+
+def _stub(address: str) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address))
+
+
+def _request(texts: list[str], model: str = "tiny", **fields: object) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, **fields)  # type: ignore[arg-type]
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
+    request.raw_input_contents.append(encode_bytes_tensor(t.encode() for t in texts))
+    return request
+
+
+# tritonclient ships its own copy of the `inference` proto package; protobuf refuses two
+# definitions of one symbol in a process, so the standard client runs in its own process, as it
+# would in a user's service.
+TRITON_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+client = triton.InferenceServerClient(sys.argv[1])
+texts = json.loads(sys.argv[2])
+text = triton.InferInput("text", [len(texts)], "BYTES")
+text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+result = client.infer("tiny", [text], parameters={"experiment": "exp-1", "variant": "b"})
+print(json.dumps({
+    "live": client.is_server_live(), "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready("tiny"),
+    "metadata": client.get_model_metadata("tiny", as_json=True),
+    "probabilities": result.as_numpy("probabilities").tolist(),
+    "labels": [x.decode() for x in result.as_numpy("label")],
+}))
+"""
+
+
+def test_tritonclient_metadata_and_infer(worker: dict[str, object], tiny_package: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CLIENT, str(worker["address"]), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    answer = json.loads(done.stdout)
+    assert (answer["live"], answer["ready"], answer["model_ready"]) == (True, True, True)
+    metadata = answer["metadata"]
+    assert metadata["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": ["-1"]}
+    assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "label", "truncated"]
+
+    probabilities = np.asarray(answer["probabilities"])
+    assert probabilities.shape == (3, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    runner = PackageRunner(tiny_package, "int8")
+    assert answer["labels"] == runner.labels(TEXTS)
+    expected, _ = runner.predict(TEXTS)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+
+def test_config_names_the_label_order(worker: dict[str, object], tiny_package: Path) -> None:
+    config = _stub(str(worker["address"])).ModelConfig(pb.ModelConfigRequest(name="tiny"))
+    assert json.loads(config.config.parameters["labels"].string_value) == ["negative", "positive"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "phrase"),
+    [
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, encode_bytes_tensor([b"  "])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "element 0 is empty",
+        ),
+        (
+            lambda r: setattr(r.inputs[0], "datatype", "FP32"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "datatype BYTES",
+        ),
+        (
+            lambda r: setattr(r.inputs[0], "name", "words"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "missing input 'text'",
+        ),
+        (
+            lambda r: r.inputs[0].shape.__setitem__(0, 5),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "carries 1",
+        ),
+        (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "'nope'"),
+        (lambda r: setattr(r, "model_version", "99"), grpc.StatusCode.NOT_FOUND, "tiny/99"),
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, encode_bytes_tensor([b"x" * 2001])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "limit is 2000",
+        ),
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, encode_bytes_tensor([b"\xff\xfe"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not valid UTF-8",
+        ),
+    ],
+)
+def test_bad_requests_get_clear_status_codes(
+    worker: dict[str, object], mutate: object, code: grpc.StatusCode, phrase: str
+) -> None:
+    request = _request(["fine"])
+    mutate(request)  # type: ignore[operator]
+    with pytest.raises(grpc.RpcError) as caught:
+        _stub(str(worker["address"])).ModelInfer(request, timeout=10)
+    assert caught.value.code() == code
+    assert phrase in caught.value.details()
+
+
+def test_long_text_is_truncated_and_says_so(worker: dict[str, object]) -> None:
+    long_text = " ".join(["the film was great"] * 40)
+    answer = _stub(str(worker["address"])).ModelInfer(_request([long_text, "short"]), timeout=10)
+    assert answer.parameters["truncated"].bool_param is True
+    index = [o.name for o in answer.outputs].index("truncated")
+    assert list(answer.raw_output_contents[index]) == [1, 0]
+
+
+def test_records_reach_the_redis_stream(worker: dict[str, object]) -> None:
+    request = _request(["this movie was lovely"], id="req-42")
+    request.parameters["experiment"].string_param = "exp-7"
+    request.parameters["user_bucket"].string_param = "17"
+    _stub(str(worker["address"])).ModelInfer(request, timeout=10)
+    server = worker["redis"]
+    assert isinstance(server, RedisServer)
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 10
+    found: dict[bytes, bytes] = {}
+    while time.monotonic() < deadline and not found:
+        for _, fields in client.xrange("loopline:inference"):
+            if fields.get(b"request_id") == b"req-42":
+                found = fields
+        time.sleep(0.1)
+    assert found, "record not written"
+    assert found[b"experiment"] == b"exp-7"
+    assert found[b"user_bucket"] == b"17"
+    assert found[b"model"] == b"tiny"
+    assert len(json.loads(found[b"sketch"])) == 16
+
+
+def test_metrics_endpoint_exposes_batching(worker: dict[str, object]) -> None:
+    import urllib.request
+
+    _stub(str(worker["address"])).ModelInfer(_request(TEXTS), timeout=10)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{worker['metrics_port']}/metrics").read()
+    text = body.decode()
+    assert "loopline_inference_batch_size_count" in text
+    assert "loopline_inference_padding_waste_bucket" in text
+
+
+def test_worker_process_never_imports_torch_or_transformers(tiny_package: Path) -> None:
+    script = (
+        "import sys, asyncio\n"
+        "from services.inference.main import Worker\n"
+        "from services.inference.settings import InferenceSettings\n"
+        "from services.inference.models import ModelSource\n"
+        f"s = InferenceSettings(models=[{str(tiny_package)!r}], records=False)\n"
+        "w = Worker(s)\n"
+        "asyncio.run(w.repository.add(ModelSource.parse(s.models[0])))\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sigterm_drains_and_exits_cleanly(worker: dict[str, object]) -> None:
+    process = worker["process"]
+    assert isinstance(process, subprocess.Popen)
+    # Last in the module: it stops the shared worker.
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
