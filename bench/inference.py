@@ -80,6 +80,8 @@ def export_base_package(directory: Path) -> Path:
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {f"p{q}_ms": float("nan") for q in (50, 95, 99)}
     array = np.asarray(values) * 1000
     return {f"p{q}_ms": round(float(np.percentile(array, q)), 3) for q in (50, 95, 99)}
 
@@ -130,12 +132,11 @@ def start_worker(package: Path, variant: str, home: Path) -> tuple[subprocess.Po
         LOOPLINE_INFERENCE_CACHE_DIR=str(home / "cache"),
         LOOPLINE_REDIS_URL="redis://127.0.0.1:1/0",
         LOOPLINE_LOG_LEVEL="WARNING",
-        LOOPLINE_INFERENCE_HEARTBEAT_SECONDS="3600",
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "services.inference"],
         env=env,
-        stdout=(home / "worker.log").open("wb"),
+        stdout=(RESULTS / "worker.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
     return process, f"127.0.0.1:{port}"
@@ -161,7 +162,7 @@ async def wait_ready(address: str, timeout: float = 120) -> None:
 
 
 async def drive(
-    address: str, corpus: list[str], concurrency: int, seconds: float
+    address: str, model: str, corpus: list[str], concurrency: int, seconds: float
 ) -> dict[str, Any]:
     """`concurrency` callers, one text per request, for `seconds`."""
     import grpc
@@ -172,7 +173,7 @@ async def drive(
 
     requests = []
     for text in corpus:
-        request = pb.ModelInferRequest(model_name="bench")
+        request = pb.ModelInferRequest(model_name=model)
         request.inputs.add(name="text", datatype="BYTES", shape=[1])
         request.outputs.add(name="label")
         request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
@@ -242,6 +243,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
+    from loopline.package import read_manifest
+
     corpus = texts()
     results: dict[str, Any] = {
         "variant": variant,
@@ -254,8 +257,11 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         process, address = start_worker(package, variant, Path(home))
         try:
             await wait_ready(address)
-            await drive(address, corpus, 4, 2.0)  # warm-up
-            results["worker"] = [await drive(address, corpus, c, seconds) for c in CONCURRENCIES]
+            model = read_manifest(package).name
+            await drive(address, model, corpus, 4, 2.0)  # warm-up
+            results["worker"] = [
+                await drive(address, model, corpus, c, seconds) for c in CONCURRENCIES
+            ]
             results["worker_rss_mb"] = rss_mb(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)

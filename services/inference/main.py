@@ -53,6 +53,7 @@ class Worker:
             cpu_variant=settings.cpu_variant,
             gpu_variant=settings.gpu_variant,
             intra_op_threads=settings.intra_op_threads,
+            allow_spinning=settings.allow_spinning,
             cuda_mem_limit_bytes=(settings.cuda_mem_limit_mb or 0) * 2**20 or None,
             trt_engine_cache=settings.trt_engine_cache,
             trt_workspace_bytes=settings.trt_workspace_mb * 2**20,
@@ -173,6 +174,8 @@ class Worker:
             self.settings.redis_url,
             endpoint=endpoint,
             interval=self.settings.heartbeat_seconds,
+            # Three missed beats before routers forget the worker: one slow beat is not death.
+            ttl=max(10.0, 3 * self.settings.heartbeat_seconds),
             describe=self.describe,
         )
         self.heartbeat.start()
