@@ -1,1 +1,1 @@
-"""Inference worker: Open Inference Protocol server over model packages (next issue)."""
+"""Inference worker: the Open Inference Protocol over model packages, with dynamic batching."""

@@ -103,7 +103,7 @@ class PackageStore:
             local = self.registry.download(name, version, staging)
             read_manifest(local)
             # A rename is atomic: a crash mid-download never leaves a half package in the cache.
-            local.rename(target) if local != staging else staging.rename(target)
+            local.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target

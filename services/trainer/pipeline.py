@@ -68,6 +68,9 @@ class TrainRequest(BaseModel):
     experiment: str = "loopline-training"
     train: TrainConfig = Field(default_factory=TrainConfig)
     min_rows_per_class: int = Field(8, ge=1)
+    int8_max_drop_points: float = Field(
+        0.5, description="largest int8 accuracy loss vs fp32, in points, before export is refused"
+    )
 
 
 @dataclass
@@ -325,7 +328,11 @@ def build_package(
 ) -> Manifest:
     """Write graphs, tokenizer, reference and manifest into `directory` and check parity."""
     directory.mkdir(parents=True, exist_ok=True)
-    options = exportlib.ExportOptions(int8=request.int8, fp16=request.fp16)
+    options = exportlib.ExportOptions(
+        int8=request.int8,
+        fp16=request.fp16,
+        max_int8_accuracy_drop_points=request.int8_max_drop_points,
+    )
     variants, optimization = exportlib.write_graphs(model, directory, options)
     exportlib.save_tokenizer(prep.tokenizer, directory)
     config = model.config

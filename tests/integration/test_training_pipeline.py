@@ -243,3 +243,31 @@ def test_optional_fp16_variant_agrees_with_fp32(trained: dict[str, object]) -> N
     assert manifest.parity.fp16_label_agreement == 1.0
     assert manifest.parity.fp16_max_abs_logit_diff is not None
     assert manifest.parity.fp16_max_abs_logit_diff < 0.05
+
+
+def test_export_failing_a_parity_gate_is_refused_with_figures_and_not_registered(
+    tiny_model_factory: object,
+    sentiment_files: tuple[Path, Path],
+    mlflow_store: MlflowStore,
+    tmp_path: Path,
+) -> None:
+    from services.trainer.export import ExportRefused
+
+    base = tiny_model_factory("bert")  # type: ignore[operator]
+    # A negative allowance cannot be met: int8 would have to beat fp32.
+    with pytest.raises(ExportRefused) as caught:
+        _train(
+            base,
+            sentiment_files,
+            mlflow_store,
+            tmp_path / "out",
+            int8_max_drop_points=-1.0,
+            train=TINY_RECIPE.model_copy(update={"epochs": 1}),
+        )
+    assert "int8 accuracy" in caught.value.message
+    assert "--no-int8" in caught.value.message
+    assert caught.value.details["int8_accuracy"] is not None
+    client = mlflow_store.client()
+    assert client.search_registered_models() == []
+    runs = client.search_runs([mlflow_store.experiment("loopline-training")])
+    assert [r.info.status for r in runs] == ["FAILED"]
