@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from loopline.errors import LooplineError
 from loopline.logging import configure_logging
 from loopline.package import Manifest
 from loopline.runtime import Tokens
@@ -208,7 +209,12 @@ async def serve(settings: InferenceSettings) -> None:
     server = GrpcServer(settings, worker.register, name="inference", on_shutdown=[worker.stop])
     port = await server.start(serving=False)
     endpoint = settings.advertise or f"{settings.host}:{port}"
-    await worker.start(endpoint)
+    try:
+        await worker.start(endpoint)
+    except BaseException:
+        # A source that cannot load must not leave a half-started server behind.
+        await server.stop(grace=0)
+        raise
     await server.set_serving(True)
     log.info(
         "worker serving",
@@ -221,4 +227,9 @@ def main(**overrides: Any) -> None:
     """Settings from LOOPLINE_INFERENCE_* (and the shared LOOPLINE_*); overrides win."""
     settings = load_settings(InferenceSettings, **overrides)
     configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except LooplineError as err:
+        # One line an operator can act on (a bad source, a missing alias), not a traceback.
+        log.error("worker failed to start: %s", err.message, extra={"details": err.details})
+        raise SystemExit(2) from None

@@ -269,3 +269,25 @@ def test_sigterm_drains_and_exits_cleanly(worker: dict[str, object]) -> None:
     # Last in the module: it stops the shared worker.
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_unloadable_source_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        LOOPLINE_INFERENCE_MODELS=json.dumps(["models:/nope@champion"]),
+        LOOPLINE_INFERENCE_PORT="0",
+        LOOPLINE_INFERENCE_RECORDS="0",
+        LOOPLINE_MLFLOW_URI=f"sqlite:///{tmp_path}/mlflow.db",
+        LOOPLINE_INFERENCE_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "services.inference"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "model alias 'nope@champion' not found" in done.stderr
+    assert "Traceback" not in done.stderr
