@@ -128,7 +128,6 @@ def start_worker(package: Path, variant: str, home: Path) -> tuple[subprocess.Po
         LOOPLINE_INFERENCE_PORT=str(port),
         LOOPLINE_INFERENCE_CPU_VARIANT=variant,
         LOOPLINE_INFERENCE_RECORDS="0",
-        LOOPLINE_INFERENCE_MAX_QUEUE_DELAY_MS="0",
         LOOPLINE_INFERENCE_CACHE_DIR=str(home / "cache"),
         LOOPLINE_REDIS_URL="redis://127.0.0.1:1/0",
         LOOPLINE_LOG_LEVEL="WARNING",

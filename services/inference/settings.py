@@ -39,7 +39,10 @@ class InferenceSettings(ServiceSettings):
         default=8192, ge=8, description="Padded tokens per batch (rows x padded width)."
     )
     max_queue_delay_ms: float = Field(
-        default=2.0, ge=0, description="How long the oldest queued text may wait for company."
+        default=0.0,
+        ge=0,
+        description="How long the oldest queued text may wait for company. 0: a lone request "
+        "runs at once and batches form from what arrives while a batch runs.",
     )
     max_queue_size: int = Field(default=2048, ge=1, description="Queued texts per model version.")
     concurrency: int = Field(default=1, ge=1, le=64, description="Batches run at once per model.")
