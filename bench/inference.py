@@ -261,6 +261,9 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             results["worker"] = [
                 await drive(address, model, corpus, c, seconds) for c in CONCURRENCIES
             ]
+            results["worker_rss_mb_under_load"] = rss_mb(process.pid)
+            # The worker returns freed memory once idle (LOOPLINE_INFERENCE_MEMORY_TRIM_SECONDS).
+            await asyncio.sleep(4)
             results["worker_rss_mb"] = rss_mb(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -273,6 +276,7 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         "ceiling_sentences_per_s": ceiling,
         "worker_vs_ceiling": round(best / ceiling, 3),
         "lone_request_overhead_ms": round(lone, 3),
+        "worker_rss_mb_right_after_load": results["worker_rss_mb_under_load"],
         "worker_rss_mb": results["worker_rss_mb"],
     }
     return results

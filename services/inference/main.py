@@ -76,7 +76,7 @@ class Worker:
                 batch,
                 executor=self.executor,
                 name=label,
-                on_batch=lambda s: self.metrics.batch(label, s),
+                on_batch=lambda s: self._on_batch(label, s),
             )
             return engine, batcher
 
@@ -91,8 +91,31 @@ class Worker:
             record=self._record if self.records is not None else None,
         )
         self.ready = False
+        self.batches = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self.heartbeat: Any = None
+
+    def _on_batch(self, model: str, stats: Any) -> None:
+        self.batches += 1
+        self.metrics.batch(model, stats)
+
+    async def _trim_when_idle(self, interval: float) -> None:
+        """Return freed memory to the OS after work, once nothing is queued or running.
+
+        Activation buffers of large batches stay in the heap after a burst; trimming only when
+        idle keeps RSS low without slowing batches (see OnnxOptions.malloc_mmap_threshold_bytes).
+        """
+        from services.inference.engines.onnx import release_free_memory
+
+        trimmed_at = 0
+        while True:
+            await asyncio.sleep(interval)
+            busy = any(
+                m.batcher.queue_depth or m.batcher.in_flight for m in self.repository.served()
+            )
+            if not busy and self.batches != trimmed_at:
+                trimmed_at = self.batches
+                await asyncio.to_thread(release_free_memory)
 
     def _record_writer(self) -> Any:
         if not self.settings.records:
@@ -171,6 +194,12 @@ class Worker:
                 self.repository.watch(self.settings.alias_poll_seconds), name="alias-watch"
             )
         )
+        if self.settings.memory_trim_seconds > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._trim_when_idle(self.settings.memory_trim_seconds), name="memory-trim"
+                )
+            )
         self.heartbeat = Heartbeat(
             self.settings.redis_url,
             endpoint=endpoint,

@@ -78,3 +78,8 @@ class InferenceSettings(ServiceSettings):
         default=None, description="host:port routers should dial (default: host:bound port)."
     )
     heartbeat_seconds: float = Field(default=3.0, gt=0, description="Heartbeat interval.")
+    memory_trim_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="When idle this long after work, return freed memory to the OS; 0 = never.",
+    )
