@@ -82,7 +82,17 @@ class Worker:
 
         log.info("devices", extra=detect_devices())
         store = PackageStore(settings.cache_dir, settings.mlflow_uri)
-        self.repository = ModelRepository(store, build, settings.max_batch_size)
+        self.repository = ModelRepository(
+            store,
+            build,
+            settings.max_batch_size,
+            on_ready=lambda m: self.metrics.load_seconds.labels(m.name, m.version).set(
+                m.load_seconds
+            ),
+        )
+        # Read at scrape time, so alias moves and unloads are reflected without bookkeeping.
+        self.metrics.queue_size.set_function(self.repository.queue_depth)
+        self.metrics.loaded.set_function(lambda: len(self.repository.served()))
         self.records = self._record_writer()
         self.plane = DataPlane(
             self.repository,
@@ -186,9 +196,7 @@ class Worker:
             self.records.start()
         sources = [ModelSource.parse(text) for text in self.settings.models]
         for source in sources:
-            model = await self.repository.add(source)
-            self.metrics.load_seconds.labels(model.name, model.version).set(model.load_seconds)
-        self.metrics.loaded.set(len(self.repository.served()))
+            await self.repository.add(source)
         self._tasks.append(
             asyncio.create_task(
                 self.repository.watch(self.settings.alias_poll_seconds), name="alias-watch"

@@ -37,7 +37,9 @@ class InferenceMetrics:
             (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9),
         )
         self.queue_size = Gauge(
-            "loopline_inference_queue_size", "Texts queued.", ["model"], registry=registry
+            "loopline_inference_queue_size",
+            "Texts queued, all models.",
+            registry=registry,
         )
         self.load_seconds = Gauge(
             "loopline_inference_model_load_seconds",

@@ -103,7 +103,11 @@ class PackageStore:
             local = self.registry.download(name, version, staging)
             read_manifest(local)
             # A rename is atomic: a crash mid-download never leaves a half package in the cache.
-            local.rename(target)
+            try:
+                local.rename(target)
+            except OSError:
+                if not (target / "loopline.json").is_file():
+                    raise  # not a concurrent download of the same version that won the race
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -173,8 +177,15 @@ def warm_up(engine: Engine, manifest: Manifest, max_batch_size: int, length: int
 class ModelRepository:
     """Every served version by name, the aliases they answer to, and the loading in progress."""
 
-    def __init__(self, store: PackageStore, build: Builder, max_batch_size: int) -> None:
+    def __init__(
+        self,
+        store: PackageStore,
+        build: Builder,
+        max_batch_size: int,
+        on_ready: Callable[[ServedModel], None] | None = None,
+    ) -> None:
         self.store = store
+        self.on_ready = on_ready
         self.build = build
         self.max_batch_size = max_batch_size
         self._versions: dict[str, dict[str, ServedModel]] = {}
@@ -254,13 +265,19 @@ class ModelRepository:
     async def _install(self, name: str, version: str, directory: Path, pin: bool) -> ServedModel:
         self._loading.add((name, version))
         started = time.perf_counter()
+        built: tuple[Engine, Batcher] | None = None
         try:
             manifest = read_manifest(directory)
-            engine, batcher = await asyncio.to_thread(self.build, directory, manifest)
-            await asyncio.to_thread(warm_up, engine, manifest, self.max_batch_size)
+            built = await asyncio.to_thread(self.build, directory, manifest)
+            await asyncio.to_thread(warm_up, built[0], manifest, self.max_batch_size)
             tokenizer = PackageTokenizer(directory, manifest)
+        except BaseException:
+            if built is not None:  # a session that failed warm-up must not keep its memory
+                await asyncio.to_thread(built[0].close)
+            raise
         finally:
             self._loading.discard((name, version))
+        engine, batcher = built
         batcher.start()
         model = ServedModel(
             name,
@@ -276,6 +293,8 @@ class ModelRepository:
         if pin:
             self._pinned.add((name, version))
         self._default.setdefault(name, version)
+        if self.on_ready is not None:
+            self.on_ready(model)
         log.info(
             "model ready",
             extra={
@@ -314,7 +333,17 @@ class ModelRepository:
                 current = self._aliases.get((name, alias))
                 if target == current:
                     continue
-                await self._install_version(name, target, pin=False)
+                try:
+                    await self._install_version(name, target, pin=False)
+                except Exception:
+                    # A version that cannot load (a broken package, a failed download) leaves the
+                    # alias where it was: the old version keeps serving, the next pass retries.
+                    log.warning(
+                        "alias target failed to load; still serving the old version",
+                        exc_info=True,
+                        extra={"model": name, "alias": alias, "from": current, "to": target},
+                    )
+                    continue
                 self._point_alias(name, alias, target)
                 moves.append((name, alias, current or "", target))
                 log.info(
