@@ -139,17 +139,22 @@ class PackageRunner:
         logits, embedding = self.session.run([LOGITS_OUTPUT, EMBEDDING_OUTPUT], feeds)
         return np.asarray(logits, dtype=np.float32), np.asarray(embedding, dtype=np.float32)
 
-    def predict(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities and pooled embeddings in input order, batched by similar length."""
+    def outputs(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled embeddings in input order, batched by similar length."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        probs = np.zeros((len(texts), len(self.manifest.labels)), dtype=np.float32)
+        logits = np.zeros((len(texts), len(self.manifest.labels)), dtype=np.float32)
         embeds = np.zeros((len(texts), self.manifest.embedding_dim), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            logits, embedding = self.run(self.tokenizer.encode([texts[i] for i in chunk]))
-            probs[chunk] = softmax(logits)
-            embeds[chunk] = embedding
-        return probs, embeds
+            logits[chunk], embeds[chunk] = self.run(
+                self.tokenizer.encode([texts[i] for i in chunk])
+            )
+        return logits, embeds
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and pooled embeddings in input order."""
+        logits, embeds = self.outputs(texts, batch_size)
+        return softmax(logits), embeds
 
     def labels(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:
         """The predicted label of each text."""

@@ -247,23 +247,24 @@ _SEARCHED = {"learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_de
 
 
 def _parity(
+    logits32: np.ndarray,
     model: SentenceClassifier,
     prep: _Prepared,
     package: Path,
     variants: dict[str, str],
     options: exportlib.ExportOptions,
 ) -> Parity:
-    """Measure the exported graphs against PyTorch on the validation texts; refuse on failure."""
+    """Measure the exported graphs against PyTorch on the validation texts; refuse on failure.
+
+    `logits32` are the ONNX fp32 graph's logits for the validation texts, in order.
+    """
     texts = prep.data.validation.texts
     torch_logits, _ = predict(
         model, prep.validation, int(prep.tokenizer.pad_token_id or 0), torch.device("cpu")
     )
-    fp32 = PackageRunner(package, "fp32")
-    probs32, _ = fp32.predict(texts)
-    logits32 = _logits_of(fp32, texts)
     diff = float(np.abs(logits32 - torch_logits).max())
     agree = float((logits32.argmax(1) == torch_logits.argmax(1)).mean())
-    acc32 = float((probs32.argmax(1) == prep.val_y).mean())
+    acc32 = float((logits32.argmax(1) == prep.val_y).mean())
     parity = Parity(
         fp32_max_abs_logit_diff=diff,
         fp32_label_agreement=agree,
@@ -280,19 +281,10 @@ def _parity(
         _int8_parity(package, texts, prep.val_y, parity, options)
     if "fp16" in variants:
         # Recorded, not gated: fp16 is for GPUs, where the worker checks it at load.
-        logits16 = _logits_of(PackageRunner(package, "fp16"), texts)
+        logits16, _ = PackageRunner(package, "fp16").outputs(texts)
         parity.fp16_max_abs_logit_diff = float(np.abs(logits16 - logits32).max())
         parity.fp16_label_agreement = float((logits16.argmax(1) == logits32.argmax(1)).mean())
     return parity
-
-
-def _logits_of(runner: PackageRunner, texts: list[str]) -> np.ndarray:
-    out = np.zeros((len(texts), len(runner.manifest.labels)), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(order), 64):
-        chunk = order[start : start + 64]
-        out[chunk] = runner.run(runner.tokenizer.encode([texts[i] for i in chunk]))[0]
-    return out
 
 
 def _int8_parity(
@@ -353,17 +345,19 @@ def build_package(
         optimization=optimization,
     )
     write_manifest(directory, manifest)
-    manifest.parity = _parity(model, prep, directory, variants, options)
+    # One pass of the fp32 graph over the validation texts serves parity and the reference.
+    runner = PackageRunner(directory, "fp32")
+    texts = prep.data.validation.texts
+    logits32, embeddings = runner.outputs(texts)
+    manifest.parity = _parity(logits32, model, prep, directory, variants, options)
     if "int8" in variants and manifest.parity.int8_batch_label_flips == 0:
         manifest.default_cpu_variant = "int8"
-    runner = PackageRunner(directory, "fp32")
-    probs, embeddings = runner.predict(prep.data.validation.texts)
-    encoded = runner.tokenizer.encode(prep.data.validation.texts)
+    tokens = runner.tokenizer.tokenize(texts)
     reference = build_reference(
-        probs,
+        softmax(logits32),
         embeddings,
-        encoded.lengths,
-        encoded.unknown_share,
+        [len(t.ids) for t in tokens],
+        [t.unknown_share for t in tokens],
         prep.data.labels,
         manifest.max_length,
         manifest.sketch,
