@@ -26,17 +26,19 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loopline/v1/common.proto\x12\x0bloopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"M\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"X\n\rShadowVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\"\xca\x03\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12&\n\x08variants\x18\x05 \x03(\x0b\x32\x14.loopline.v1.Variant\x12+\n\x07shadows\x18\x06 \x03(\x0b\x32\x1a.loopline.v1.ShadowVariant\x12-\n\x06status\x18\x07 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\x12*\n\tsticky_by\x18\x08 \x01(\x0e\x32\x17.loopline.v1.Stickiness\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06winner\x18\r \x01(\t\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x93\x01\n\nTimeWindow\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04last\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*\xae\x01\n\x10\x45xperimentStatus\x12!\n\x1d\x45XPERIMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPERIMENT_STATUS_DRAFT\x10\x01\x12\x1d\n\x19\x45XPERIMENT_STATUS_RUNNING\x10\x02\x12\x1c\n\x18\x45XPERIMENT_STATUS_PAUSED\x10\x03\x12\x1d\n\x19\x45XPERIMENT_STATUS_STOPPED\x10\x04*U\n\nStickiness\x12\x1a\n\x16STICKINESS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTICKINESS_USER\x10\x01\x12\x16\n\x12STICKINESS_REQUEST\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loopline/v1/common.proto\x12\x0bloopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"M\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"X\n\rShadowVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\"\xcc\x04\n\nExperiment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12&\n\x08variants\x18\x05 \x03(\x0b\x32\x14.loopline.v1.Variant\x12+\n\x07shadows\x18\x06 \x03(\x0b\x32\x1a.loopline.v1.ShadowVariant\x12-\n\x06status\x18\x07 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\x12*\n\tsticky_by\x18\x08 \x01(\x0e\x32\x17.loopline.v1.Stickiness\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06winner\x18\r \x01(\t\x12\x0c\n\x04salt\x18\x0e \x01(\t\x12>\n\x0cpinned_users\x18\x0f \x03(\x0b\x32(.loopline.v1.Experiment.PinnedUsersEntry\x1a\x32\n\x10PinnedUsersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0bPageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x93\x01\n\nTimeWindow\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04last\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration*\xae\x01\n\x10\x45xperimentStatus\x12!\n\x1d\x45XPERIMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPERIMENT_STATUS_DRAFT\x10\x01\x12\x1d\n\x19\x45XPERIMENT_STATUS_RUNNING\x10\x02\x12\x1c\n\x18\x45XPERIMENT_STATUS_PAUSED\x10\x03\x12\x1d\n\x19\x45XPERIMENT_STATUS_STOPPED\x10\x04*U\n\nStickiness\x12\x1a\n\x16STICKINESS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTICKINESS_USER\x10\x01\x12\x16\n\x12STICKINESS_REQUEST\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loopline.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPERIMENTSTATUS']._serialized_start=1084
-  _globals['_EXPERIMENTSTATUS']._serialized_end=1258
-  _globals['_STICKINESS']._serialized_start=1260
-  _globals['_STICKINESS']._serialized_end=1345
+  _globals['_EXPERIMENT_PINNEDUSERSENTRY']._loaded_options = None
+  _globals['_EXPERIMENT_PINNEDUSERSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPERIMENTSTATUS']._serialized_start=1214
+  _globals['_EXPERIMENTSTATUS']._serialized_end=1388
+  _globals['_STICKINESS']._serialized_start=1390
+  _globals['_STICKINESS']._serialized_end=1475
   _globals['_MODELREF']._serialized_start=106
   _globals['_MODELREF']._serialized_end=162
   _globals['_LABELSCORE']._serialized_start=164
@@ -48,9 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHADOWVARIANT']._serialized_start=328
   _globals['_SHADOWVARIANT']._serialized_end=416
   _globals['_EXPERIMENT']._serialized_start=419
-  _globals['_EXPERIMENT']._serialized_end=877
-  _globals['_PAGEREQUEST']._serialized_start=879
-  _globals['_PAGEREQUEST']._serialized_end=931
-  _globals['_TIMEWINDOW']._serialized_start=934
-  _globals['_TIMEWINDOW']._serialized_end=1081
+  _globals['_EXPERIMENT']._serialized_end=1007
+  _globals['_EXPERIMENT_PINNEDUSERSENTRY']._serialized_start=957
+  _globals['_EXPERIMENT_PINNEDUSERSENTRY']._serialized_end=1007
+  _globals['_PAGEREQUEST']._serialized_start=1009
+  _globals['_PAGEREQUEST']._serialized_end=1061
+  _globals['_TIMEWINDOW']._serialized_start=1064
+  _globals['_TIMEWINDOW']._serialized_end=1211
 # @@protoc_insertion_point(module_scope)

@@ -73,7 +73,8 @@ class _StickinessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stickiness
     STICKINESS_UNSPECIFIED: _Stickiness.ValueType  # 0
     """Not set; the server default is STICKINESS_USER."""
     STICKINESS_USER: _Stickiness.ValueType  # 1
-    """Hash of (experiment id, user_id): a user always sees the same variant. Requests without a
+    """Hash of (salt, user_id) into 10,000 buckets: a user always sees the same variant.
+    Requests without a
     user_id are assigned per request.
     """
     STICKINESS_REQUEST: _Stickiness.ValueType  # 2
@@ -85,7 +86,8 @@ class Stickiness(_Stickiness, metaclass=_StickinessEnumTypeWrapper):
 STICKINESS_UNSPECIFIED: Stickiness.ValueType  # 0
 """Not set; the server default is STICKINESS_USER."""
 STICKINESS_USER: Stickiness.ValueType  # 1
-"""Hash of (experiment id, user_id): a user always sees the same variant. Requests without a
+"""Hash of (salt, user_id) into 10,000 buckets: a user always sees the same variant.
+Requests without a
 user_id are assigned per request.
 """
 STICKINESS_REQUEST: Stickiness.ValueType  # 2
@@ -260,6 +262,26 @@ class Experiment(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class PinnedUsersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -273,6 +295,8 @@ class Experiment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     WINNER_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    PINNED_USERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Server-assigned id, e.g. "exp-20250114-3f9a"."""
     name: _builtins.str
@@ -290,6 +314,10 @@ class Experiment(_message.Message):
     """What keeps callers on one variant."""
     winner: _builtins.str
     """Output only. Name of the variant promoted when the experiment was stopped with a winner."""
+    salt: _builtins.str
+    """Salt of the user hash (salt, user_id) -> bucket. Empty on create: the experiment id. Reusing
+    a salt across experiments gives users the same buckets in each.
+    """
     @_builtins.property
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Variant]:
         """Live variants. The first one is the baseline (control) for reports and for PAUSED."""
@@ -316,6 +344,12 @@ class Experiment(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. Last change."""
 
+    @_builtins.property
+    def pinned_users(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Users pinned to a variant regardless of their hash: user_id -> variant name (e.g. QA
+        accounts that must see the candidate).
+        """
+
     def __init__(
         self,
         *,
@@ -332,10 +366,12 @@ class Experiment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         winner: _builtins.str = ...,
+        salt: _builtins.str = ...,
+        pinned_users: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "end_time", b"end_time", "id", b"id", "model", b"model", "name", b"name", "shadows", b"shadows", "start_time", b"start_time", "status", b"status", "sticky_by", b"sticky_by", "update_time", b"update_time", "variants", b"variants", "winner", b"winner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "end_time", b"end_time", "id", b"id", "model", b"model", "name", b"name", "pinned_users", b"pinned_users", "salt", b"salt", "shadows", b"shadows", "start_time", b"start_time", "status", b"status", "sticky_by", b"sticky_by", "update_time", b"update_time", "variants", b"variants", "winner", b"winner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loopline.v1 import common_pb2 as loopline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loopline/v1/router.proto\x12\x0bloopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopline/v1/common.proto\"\xd9\x01\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.loopline.v1.ClassifyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x01\n\x07Timings\x12(\n\x05total\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tinference\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xed\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12.\n\rprobabilities\x18\x02 \x03(\x0b\x32\x17.loopline.v1.LabelScore\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x15\n\rexperiment_id\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.loopline.v1.Timings\"\x80\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.loopline.v1.Status\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1d.loopline.v1.ClassifyResponse\"\xee\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.loopline.v1.FeedbackRequest.MetadataEntry\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\"F\n\x17\x43reateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.loopline.v1.Experiment\"\"\n\x14GetExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"~\n\x16ListExperimentsRequest\x12&\n\x04page\x18\x01 \x01(\x0b\x32\x18.loopline.v1.PageRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\"`\n\x17ListExperimentsResponse\x12,\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x17.loopline.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x02\n\x17UpdateExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x42\n\x07weights\x18\x02 \x03(\x0b\x32\x31.loopline.v1.UpdateExperimentRequest.WeightsEntry\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x15StopExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06winner\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"n\n\x16StopExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.loopline.v1.Experiment\x12\'\n\x08promoted\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef2\x9f\x05\n\x06Router\x12G\n\x08\x43lassify\x12\x1c.loopline.v1.ClassifyRequest\x1a\x1d.loopline.v1.ClassifyResponse\x12W\n\x0e\x43lassifyStream\x12\x1c.loopline.v1.ClassifyRequest\x1a#.loopline.v1.ClassifyStreamResponse(\x01\x30\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.loopline.v1.FeedbackRequest\x1a\x1d.loopline.v1.FeedbackResponse\x12Q\n\x10\x43reateExperiment\x12$.loopline.v1.CreateExperimentRequest\x1a\x17.loopline.v1.Experiment\x12K\n\rGetExperiment\x12!.loopline.v1.GetExperimentRequest\x1a\x17.loopline.v1.Experiment\x12\\\n\x0fListExperiments\x12#.loopline.v1.ListExperimentsRequest\x1a$.loopline.v1.ListExperimentsResponse\x12Q\n\x10UpdateExperiment\x12$.loopline.v1.UpdateExperimentRequest\x1a\x17.loopline.v1.Experiment\x12Y\n\x0eStopExperiment\x12\".loopline.v1.StopExperimentRequest\x1a#.loopline.v1.StopExperimentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loopline/v1/router.proto\x12\x0bloopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopline/v1/common.proto\"\xd9\x01\n\x0f\x43lassifyRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12$\n\x05model\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.loopline.v1.ClassifyRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x01\n\x07Timings\x12(\n\x05total\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05queue\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tinference\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xff\x01\n\x10\x43lassifyResponse\x12\r\n\x05label\x18\x01 \x01(\t\x12.\n\rprobabilities\x18\x02 \x03(\x0b\x32\x17.loopline.v1.LabelScore\x12$\n\x05model\x18\x03 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12\x15\n\rexperiment_id\x18\x04 \x01(\t\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x11\n\ttruncated\x18\x07 \x01(\x08\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.loopline.v1.Timings\x12\x10\n\x08language\x18\t \x01(\t\"F\n\x14\x43lassifyBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.loopline.v1.ClassifyRequest\"G\n\x15\x43lassifyBatchResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.loopline.v1.ClassifyResponse\"\x80\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.loopline.v1.Status\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1d.loopline.v1.ClassifyResponse\"\xee\x01\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12<\n\x08metadata\x18\x05 \x03(\x0b\x32*.loopline.v1.FeedbackRequest.MetadataEntry\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\'\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x13\n\x0b\x66\x65\x65\x64\x62\x61\x63k_id\x18\x01 \x01(\t\"F\n\x17\x43reateExperimentRequest\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.loopline.v1.Experiment\"\"\n\x14GetExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"~\n\x16ListExperimentsRequest\x12&\n\x04page\x18\x01 \x01(\x0b\x32\x18.loopline.v1.PageRequest\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\"`\n\x17ListExperimentsResponse\x12,\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x17.loopline.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x02\n\x17UpdateExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x42\n\x07weights\x18\x02 \x03(\x0b\x32\x31.loopline.v1.UpdateExperimentRequest.WeightsEntry\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.loopline.v1.ExperimentStatus\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x15StopExperimentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06winner\x18\x02 \x01(\t\x12\r\n\x05\x61lias\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"n\n\x16StopExperimentResponse\x12+\n\nexperiment\x18\x01 \x01(\x0b\x32\x17.loopline.v1.Experiment\x12\'\n\x08promoted\x18\x02 \x01(\x0b\x32\x15.loopline.v1.ModelRef2\xf7\x05\n\x06Router\x12G\n\x08\x43lassify\x12\x1c.loopline.v1.ClassifyRequest\x1a\x1d.loopline.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.loopline.v1.ClassifyBatchRequest\x1a\".loopline.v1.ClassifyBatchResponse\x12W\n\x0e\x43lassifyStream\x12\x1c.loopline.v1.ClassifyRequest\x1a#.loopline.v1.ClassifyStreamResponse(\x01\x30\x01\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.loopline.v1.FeedbackRequest\x1a\x1d.loopline.v1.FeedbackResponse\x12Q\n\x10\x43reateExperiment\x12$.loopline.v1.CreateExperimentRequest\x1a\x17.loopline.v1.Experiment\x12K\n\rGetExperiment\x12!.loopline.v1.GetExperimentRequest\x1a\x17.loopline.v1.Experiment\x12\\\n\x0fListExperiments\x12#.loopline.v1.ListExperimentsRequest\x1a$.loopline.v1.ListExperimentsResponse\x12Q\n\x10UpdateExperiment\x12$.loopline.v1.UpdateExperimentRequest\x1a\x17.loopline.v1.Experiment\x12Y\n\x0eStopExperiment\x12\".loopline.v1.StopExperimentRequest\x1a#.loopline.v1.StopExperimentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,31 +47,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=353
   _globals['_TIMINGS']._serialized_end=492
   _globals['_CLASSIFYRESPONSE']._serialized_start=495
-  _globals['_CLASSIFYRESPONSE']._serialized_end=732
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=735
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=863
-  _globals['_FEEDBACKREQUEST']._serialized_start=866
-  _globals['_FEEDBACKREQUEST']._serialized_end=1104
+  _globals['_CLASSIFYRESPONSE']._serialized_end=750
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=752
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=822
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=824
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=895
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=898
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1026
+  _globals['_FEEDBACKREQUEST']._serialized_start=1029
+  _globals['_FEEDBACKREQUEST']._serialized_end=1267
   _globals['_FEEDBACKREQUEST_METADATAENTRY']._serialized_start=303
   _globals['_FEEDBACKREQUEST_METADATAENTRY']._serialized_end=350
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1106
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1145
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=1147
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=1217
-  _globals['_GETEXPERIMENTREQUEST']._serialized_start=1219
-  _globals['_GETEXPERIMENTREQUEST']._serialized_end=1253
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=1255
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=1381
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=1383
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1479
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=1482
-  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=1749
-  _globals['_UPDATEEXPERIMENTREQUEST_WEIGHTSENTRY']._serialized_start=1703
-  _globals['_UPDATEEXPERIMENTREQUEST_WEIGHTSENTRY']._serialized_end=1749
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1751
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1833
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1835
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=1945
-  _globals['_ROUTER']._serialized_start=1948
-  _globals['_ROUTER']._serialized_end=2619
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1269
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1308
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=1310
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=1380
+  _globals['_GETEXPERIMENTREQUEST']._serialized_start=1382
+  _globals['_GETEXPERIMENTREQUEST']._serialized_end=1416
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=1418
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=1544
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=1546
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1642
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=1645
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=1912
+  _globals['_UPDATEEXPERIMENTREQUEST_WEIGHTSENTRY']._serialized_start=1866
+  _globals['_UPDATEEXPERIMENTREQUEST_WEIGHTSENTRY']._serialized_end=1912
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1914
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1996
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1998
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=2108
+  _globals['_ROUTER']._serialized_start=2111
+  _globals['_ROUTER']._serialized_end=2870
 # @@protoc_insertion_point(module_scope)

@@ -148,6 +148,7 @@ class ClassifyResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     label: _builtins.str
     """The predicted label (the one with the highest probability)."""
     experiment_id: _builtins.str
@@ -158,6 +159,10 @@ class ClassifyResponse(_message.Message):
     """The request id (the caller's, or the generated one)."""
     truncated: _builtins.bool
     """True when the text was cut to the model's maximum sequence length."""
+    language: _builtins.str
+    """Language detected in the text (ISO 639-1, e.g. "en", "pt") when the model routes by
+    language; empty otherwise.
+    """
     @_builtins.property
     def probabilities(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]:
         """Probability of every label, in the model's label order."""
@@ -181,14 +186,63 @@ class ClassifyResponse(_message.Message):
         request_id: _builtins.str = ...,
         truncated: _builtins.bool = ...,
         timings: Global___Timings | None = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "label", b"label", "model", b"model", "probabilities", b"probabilities", "request_id", b"request_id", "timings", b"timings", "truncated", b"truncated", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "label", b"label", "language", b"language", "model", b"model", "probabilities", b"probabilities", "request_id", b"request_id", "timings", b"timings", "truncated", b"truncated", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
+
+@_typing.final
+class ClassifyBatchRequest(_message.Message):
+    """Many texts in one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassifyRequest]:
+        """The items, each routed on its own. At most the router's max_batch_texts."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ClassifyRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyBatchRequest: _TypeAlias = ClassifyBatchRequest  # noqa: Y015
+
+@_typing.final
+class ClassifyBatchResponse(_message.Message):
+    """Answers to a ClassifyBatch, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassifyResponse]:
+        """One classification per request item, same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ClassifyResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyBatchResponse: _TypeAlias = ClassifyBatchResponse  # noqa: Y015
 
 @_typing.final
 class ClassifyStreamResponse(_message.Message):

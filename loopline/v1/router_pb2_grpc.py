@@ -41,6 +41,11 @@ class RouterStub:
                 request_serializer=loopline_dot_v1_dot_router__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=loopline_dot_v1_dot_router__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyBatch = channel.unary_unary(
+                '/loopline.v1.Router/ClassifyBatch',
+                request_serializer=loopline_dot_v1_dot_router__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=loopline_dot_v1_dot_router__pb2.ClassifyBatchResponse.FromString,
+                _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/loopline.v1.Router/ClassifyStream',
                 request_serializer=loopline_dot_v1_dot_router__pb2.ClassifyRequest.SerializeToString,
@@ -91,6 +96,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyBatch(self, request, context):
+        """Classify many texts in one call; answers come back in request order. Each item is routed on
+        its own (model, user, experiment). A bad item fails the whole call with INVALID_ARGUMENT
+        naming its index; more items than the router's limit is INVALID_ARGUMENT too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClassifyStream(self, request_iterator, context):
         """Classify a stream of texts over one call. Every request yields exactly one response carrying
         the request's request_id and its own status; a bad item is answered with an error status
@@ -111,9 +125,11 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateExperiment(self, request, context):
-        """Create an experiment (admin). ALREADY_EXISTS when its model already has a RUNNING or PAUSED
-        experiment; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
-        weights, all weights zero, unknown model versions).
+        """Create an experiment (admin). FAILED_PRECONDITION when its model already has a RUNNING or
+        PAUSED experiment, or when no worker can load a variant's model version; ALREADY_EXISTS for
+        a name in use; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
+        weights, served weights that do not sum to 100); NOT_FOUND for a model reference that does
+        not resolve in the registry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +173,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=loopline_dot_v1_dot_router__pb2.ClassifyRequest.FromString,
                     response_serializer=loopline_dot_v1_dot_router__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyBatch,
+                    request_deserializer=loopline_dot_v1_dot_router__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=loopline_dot_v1_dot_router__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
@@ -222,6 +243,33 @@ class Router:
             '/loopline.v1.Router/Classify',
             loopline_dot_v1_dot_router__pb2.ClassifyRequest.SerializeToString,
             loopline_dot_v1_dot_router__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopline.v1.Router/ClassifyBatch',
+            loopline_dot_v1_dot_router__pb2.ClassifyBatchRequest.SerializeToString,
+            loopline_dot_v1_dot_router__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

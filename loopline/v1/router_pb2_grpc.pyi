@@ -44,6 +44,11 @@ class RouterStub:
     NOT_FOUND (unknown model or version), RESOURCE_EXHAUSTED (workers overloaded),
     UNAVAILABLE (no ready worker), DEADLINE_EXCEEDED.
     """
+    ClassifyBatch: _grpc.UnaryUnaryMultiCallable[_router_pb2.ClassifyBatchRequest, _router_pb2.ClassifyBatchResponse]
+    """Classify many texts in one call; answers come back in request order. Each item is routed on
+    its own (model, user, experiment). A bad item fails the whole call with INVALID_ARGUMENT
+    naming its index; more items than the router's limit is INVALID_ARGUMENT too.
+    """
     ClassifyStream: _grpc.StreamStreamMultiCallable[_router_pb2.ClassifyRequest, _router_pb2.ClassifyStreamResponse]
     """Classify a stream of texts over one call. Every request yields exactly one response carrying
     the request's request_id and its own status; a bad item is answered with an error status
@@ -56,9 +61,11 @@ class RouterStub:
     retraining data.
     """
     CreateExperiment: _grpc.UnaryUnaryMultiCallable[_router_pb2.CreateExperimentRequest, _common_pb2.Experiment]
-    """Create an experiment (admin). ALREADY_EXISTS when its model already has a RUNNING or PAUSED
-    experiment; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
-    weights, all weights zero, unknown model versions).
+    """Create an experiment (admin). FAILED_PRECONDITION when its model already has a RUNNING or
+    PAUSED experiment, or when no worker can load a variant's model version; ALREADY_EXISTS for
+    a name in use; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
+    weights, served weights that do not sum to 100); NOT_FOUND for a model reference that does
+    not resolve in the registry.
     """
     GetExperiment: _grpc.UnaryUnaryMultiCallable[_router_pb2.GetExperimentRequest, _common_pb2.Experiment]
     """Read one experiment. NOT_FOUND for an unknown id."""
@@ -84,6 +91,11 @@ class RouterAsyncStub(RouterStub):
     NOT_FOUND (unknown model or version), RESOURCE_EXHAUSTED (workers overloaded),
     UNAVAILABLE (no ready worker), DEADLINE_EXCEEDED.
     """
+    ClassifyBatch: _aio.UnaryUnaryMultiCallable[_router_pb2.ClassifyBatchRequest, _router_pb2.ClassifyBatchResponse]  # type: ignore[assignment]
+    """Classify many texts in one call; answers come back in request order. Each item is routed on
+    its own (model, user, experiment). A bad item fails the whole call with INVALID_ARGUMENT
+    naming its index; more items than the router's limit is INVALID_ARGUMENT too.
+    """
     ClassifyStream: _aio.StreamStreamMultiCallable[_router_pb2.ClassifyRequest, _router_pb2.ClassifyStreamResponse]  # type: ignore[assignment]
     """Classify a stream of texts over one call. Every request yields exactly one response carrying
     the request's request_id and its own status; a bad item is answered with an error status
@@ -96,9 +108,11 @@ class RouterAsyncStub(RouterStub):
     retraining data.
     """
     CreateExperiment: _aio.UnaryUnaryMultiCallable[_router_pb2.CreateExperimentRequest, _common_pb2.Experiment]  # type: ignore[assignment]
-    """Create an experiment (admin). ALREADY_EXISTS when its model already has a RUNNING or PAUSED
-    experiment; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
-    weights, all weights zero, unknown model versions).
+    """Create an experiment (admin). FAILED_PRECONDITION when its model already has a RUNNING or
+    PAUSED experiment, or when no worker can load a variant's model version; ALREADY_EXISTS for
+    a name in use; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
+    weights, served weights that do not sum to 100); NOT_FOUND for a model reference that does
+    not resolve in the registry.
     """
     GetExperiment: _aio.UnaryUnaryMultiCallable[_router_pb2.GetExperimentRequest, _common_pb2.Experiment]  # type: ignore[assignment]
     """Read one experiment. NOT_FOUND for an unknown id."""
@@ -126,6 +140,17 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
         """Classify one text. Errors: INVALID_ARGUMENT (empty text, version and alias both set),
         NOT_FOUND (unknown model or version), RESOURCE_EXHAUSTED (workers overloaded),
         UNAVAILABLE (no ready worker), DEADLINE_EXCEEDED.
+        """
+
+    @_abc_1.abstractmethod
+    def ClassifyBatch(
+        self,
+        request: _router_pb2.ClassifyBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.ClassifyBatchResponse, _abc.Awaitable[_router_pb2.ClassifyBatchResponse]]:
+        """Classify many texts in one call; answers come back in request order. Each item is routed on
+        its own (model, user, experiment). A bad item fails the whole call with INVALID_ARGUMENT
+        naming its index; more items than the router's limit is INVALID_ARGUMENT too.
         """
 
     @_abc_1.abstractmethod
@@ -157,9 +182,11 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
         request: _router_pb2.CreateExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Experiment, _abc.Awaitable[_common_pb2.Experiment]]:
-        """Create an experiment (admin). ALREADY_EXISTS when its model already has a RUNNING or PAUSED
-        experiment; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
-        weights, all weights zero, unknown model versions).
+        """Create an experiment (admin). FAILED_PRECONDITION when its model already has a RUNNING or
+        PAUSED experiment, or when no worker can load a variant's model version; ALREADY_EXISTS for
+        a name in use; INVALID_ARGUMENT for bad variants (no variant, duplicate names, negative
+        weights, served weights that do not sum to 100); NOT_FOUND for a model reference that does
+        not resolve in the registry.
         """
 
     @_abc_1.abstractmethod
