@@ -74,8 +74,7 @@ class _StickinessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Stickiness
     """Not set; the server default is STICKINESS_USER."""
     STICKINESS_USER: _Stickiness.ValueType  # 1
     """Hash of (salt, user_id) into 10,000 buckets: a user always sees the same variant.
-    Requests without a
-    user_id are assigned per request.
+    Requests without a user_id are assigned per request.
     """
     STICKINESS_REQUEST: _Stickiness.ValueType  # 2
     """Every request is assigned independently at random by the weights."""
@@ -87,8 +86,7 @@ STICKINESS_UNSPECIFIED: Stickiness.ValueType  # 0
 """Not set; the server default is STICKINESS_USER."""
 STICKINESS_USER: Stickiness.ValueType  # 1
 """Hash of (salt, user_id) into 10,000 buckets: a user always sees the same variant.
-Requests without a
-user_id are assigned per request.
+Requests without a user_id are assigned per request.
 """
 STICKINESS_REQUEST: Stickiness.ValueType  # 2
 """Every request is assigned independently at random by the weights."""

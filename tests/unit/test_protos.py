@@ -48,6 +48,7 @@ OIP_METHODS = {
 V1_SERVICES = {
     router_pb2.DESCRIPTOR.services_by_name["Router"]: {
         "Classify": UNARY,
+        "ClassifyBatch": UNARY,
         "ClassifyStream": BIDI,
         "Feedback": UNARY,
         "CreateExperiment": UNARY,
