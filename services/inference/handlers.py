@@ -24,7 +24,15 @@ TEXT_INPUT = "text"
 PROBABILITIES_OUTPUT = "probabilities"
 LABEL_OUTPUT = "label"
 TRUNCATED_OUTPUT = "truncated"
-PASSED_THROUGH = ("request_id", "experiment", "variant", "user_bucket")
+PASSED_THROUGH = (
+    "request_id",
+    "request_ids",  # JSON list, one id per text (a router forwarding a ClassifyBatch)
+    "experiment",
+    "variant",
+    "user_bucket",
+    "language",
+    "shadow",
+)
 
 
 @dataclass

@@ -14,8 +14,9 @@ Discovery contract (routers rely on exactly this):
   the heartbeat adds the rest.
 - A key that exists is a live worker; the key expiring (crash, partition) or being deleted
   (graceful `stop`) takes it out of rotation. `ttl` is a few intervals, so one late beat does not.
-- Routers list workers with `SCAN MATCH <prefix>*` and MGET (`list_workers`). There is no index
-  set on purpose: with expiry as the only liveness signal nothing can go stale in an index.
+- Routers list workers with `SCAN MATCH <prefix>*` and MGET (`loopline.workers.list_workers`, in
+  the shared package since a router never imports this service). There is no index set on
+  purpose: with expiry as the only liveness signal nothing can go stale in an index.
 - Only models with `ready: true` may be routed to.
 
 A Redis outage is logged once and retried every interval; the heartbeat never raises into the
@@ -38,12 +39,12 @@ from redis.exceptions import RedisError
 
 from loopline.logging import get_logger
 from loopline.redis import connect
+from loopline.workers import DEFAULT_PREFIX, list_workers
 
 __all__ = ["DEFAULT_PREFIX", "Heartbeat", "list_workers"]
 
 log = get_logger(__name__)
 
-DEFAULT_PREFIX = "loopline:workers:"
 _OUTAGE_ERRORS = (RedisError, OSError)
 
 
@@ -141,31 +142,3 @@ class Heartbeat:
         if self._failing:
             self._failing = False
             log.info("heartbeat: Redis reachable again", extra={"key": self.key})
-
-
-async def list_workers(
-    client: aioredis.Redis, prefix: str = DEFAULT_PREFIX
-) -> list[dict[str, Any]]:
-    """The live workers' heartbeat objects, sorted by endpoint (SCAN, then one MGET)."""
-    keys = [key async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=500)]
-    if not keys:
-        return []
-    values = await client.mget(keys)
-    workers = [worker for value in values if (worker := _parse(value)) is not None]
-    return sorted(workers, key=lambda worker: str(worker.get("endpoint", "")))
-
-
-def _parse(value: bytes | str | None) -> dict[str, Any] | None:
-    if value is None:  # expired between SCAN and MGET
-        return None
-    try:
-        worker = json.loads(value)
-    except ValueError:
-        log.warning("ignoring an unreadable heartbeat", extra={"value": repr(value[:200])})
-        return None
-    return worker if isinstance(worker, dict) else None
-
-
-def _glob_escape(text: str) -> str:
-    """Escape the characters SCAN MATCH treats as a pattern."""
-    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)

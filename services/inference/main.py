@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -149,13 +150,12 @@ class Worker:
         labels = model.manifest.labels
         now = time.time()
         params = request.parameters
+        ids = record_ids(request.request_id, params.get("request_ids", ""), len(tokens))
         for index, (token, result) in enumerate(zip(tokens, results, strict=True)):
             probs = result.probabilities
             self.records.submit(
                 InferenceRecord(
-                    request_id=request.request_id
-                    if len(tokens) == 1
-                    else f"{request.request_id}:{index}",
+                    request_id=ids[index],
                     time=now,
                     model=model.name,
                     version=model.version,
@@ -173,6 +173,8 @@ class Worker:
                     batch_size=result.batch_size,
                     sketch=[float(x) for x in result.embedding @ model.sketch],
                     text=request.texts[index] if self.settings.log_text else None,
+                    language=params.get("language", ""),
+                    shadow=params.get("shadow", "") in ("1", "true", "True"),
                 )
             )
 
@@ -258,6 +260,21 @@ async def serve(settings: InferenceSettings) -> None:
         extra={"endpoint": endpoint, "models": [m.describe() for m in worker.repository.served()]},
     )
     await server.run_until_signal()
+
+
+def record_ids(request_id: str, listed: str, count: int) -> list[str]:
+    """One record id per text: the `request_ids` parameter (a JSON list, as a router sends for a
+    batch of separate requests) when it has one id per text, else `<request_id>:<index>`."""
+    if listed:
+        try:
+            ids = json.loads(listed)
+        except ValueError:
+            ids = None
+        if isinstance(ids, list) and len(ids) == count and all(isinstance(i, str) for i in ids):
+            return ids
+    if count == 1:
+        return [request_id]
+    return [f"{request_id}:{index}" for index in range(count)]
 
 
 def main(**overrides: Any) -> None:

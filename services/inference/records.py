@@ -97,6 +97,8 @@ class InferenceRecord:
     batch_size: int
     sketch: list[float]  # 16-dim projection of the pooled embedding
     text: str | None = None  # None when log_text is off
+    language: str = ""  # detected by the router when the model routes by language
+    shadow: bool = False  # a mirrored copy of a served request: never answered to a caller
 
     def to_fields(self) -> dict[str, str]:
         """Flat stream fields: lists as compact JSON, bools "1"/"0", `text` omitted when None."""
@@ -118,6 +120,8 @@ class InferenceRecord:
             "compute_ms": f"{self.compute_ms:.3f}",
             "batch_size": str(self.batch_size),
             "sketch": _dumps([_g(s) for s in self.sketch]),
+            "language": self.language,
+            "shadow": "1" if self.shadow else "0",
         }
         if self.text is not None:
             fields["text"] = self.text
@@ -146,6 +150,8 @@ class InferenceRecord:
             batch_size=int(f["batch_size"]),
             sketch=[float(s) for s in json.loads(f["sketch"])],
             text=f.get("text"),
+            language=f.get("language", ""),
+            shadow=f.get("shadow", "0") == "1",
         )
 
 

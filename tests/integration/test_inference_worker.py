@@ -236,6 +236,28 @@ def test_records_reach_the_redis_stream(worker: dict[str, object]) -> None:
     assert len(json.loads(found[b"sketch"])) == 16
 
 
+def test_a_router_batch_keeps_each_request_id_language_and_shadow_tag(
+    worker: dict[str, object],
+) -> None:
+    request = _request(["a fine film", "a dull film"], id="batch-1")
+    request.parameters["request_ids"].string_param = json.dumps(["item-a", "item-b"])
+    request.parameters["language"].string_param = "en"
+    request.parameters["shadow"].string_param = "1"
+    _stub(str(worker["address"])).ModelInfer(request, timeout=10)
+    server = worker["redis"]
+    assert isinstance(server, RedisServer)
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 10
+    found: dict[bytes, dict[bytes, bytes]] = {}
+    while time.monotonic() < deadline and len(found) < 2:
+        for _, fields in client.xrange("loopline:inference"):
+            if fields.get(b"request_id") in (b"item-a", b"item-b"):
+                found[fields[b"request_id"]] = fields
+        time.sleep(0.1)
+    assert set(found) == {b"item-a", b"item-b"}
+    assert all(f[b"language"] == b"en" and f[b"shadow"] == b"1" for f in found.values())
+
+
 def test_metrics_endpoint_exposes_batching(worker: dict[str, object]) -> None:
     import urllib.request
 

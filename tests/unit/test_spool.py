@@ -134,6 +134,8 @@ def record(text: str | None = "great film") -> InferenceRecord:
         batch_size=12,
         sketch=[i / 7 - 1 for i in range(16)],
         text=text,
+        language="pt",
+        shadow=True,
     )
 
 
@@ -152,5 +154,15 @@ def test_record_fields_round_trip_as_bytes(text: str | None) -> None:
     assert back.time == pytest.approx(original.time, abs=1e-6)
     assert back.queue_ms == pytest.approx(original.queue_ms, abs=1e-3)
     exact = ("request_id", "model", "version", "variant", "user_bucket", "labels", "truncated")
+    exact += ("language", "shadow")
     assert all(getattr(back, name) == getattr(original, name) for name in exact)
     assert (back.token_count, back.batch_size) == (7, 12)
+
+
+def test_record_ids_follow_the_routers_list_when_it_fits() -> None:
+    from services.inference.main import record_ids
+
+    assert record_ids("r", '["a", "b"]', 2) == ["a", "b"]
+    assert record_ids("r", '["a"]', 2) == ["r:0", "r:1"]  # wrong length: ignored
+    assert record_ids("r", "not json", 1) == ["r"]
+    assert record_ids("r", "", 3) == ["r:0", "r:1", "r:2"]
