@@ -78,9 +78,14 @@ class BatchSettings:
     max_batch_tokens: int = 8192  # budget on padded tokens: rows x padded width
     max_queue_delay: float = 0.002  # seconds the oldest entry may wait for company
     max_queue_size: int = 1024  # admission bound (entries)
+    overhead_tokens: int = 0  # a batch's fixed cost in padded tokens; 0 = fill batches
     concurrency: int = 1  # batches of this model executing at once
 
     def __post_init__(self) -> None:
+        if self.overhead_tokens < 0:
+            raise ValueError(
+                f"BatchSettings.overhead_tokens must be >= 0, got {self.overhead_tokens}"
+            )
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_size", "concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"BatchSettings.{name} must be >= 1, got {getattr(self, name)}")
@@ -185,18 +190,22 @@ class BatchQueue:
         """Seconds the oldest entry has waited; 0 when empty."""
         return max(0.0, now - self._entries[0].enqueued_at) if self._entries else 0.0
 
-    def next_batch(self, now: float, max_requests: int, max_tokens: int) -> list[Entry]:
+    def next_batch(
+        self, now: float, max_requests: int, max_tokens: int, overhead_tokens: int = 0
+    ) -> list[Entry]:
         """Remove and return the next batch (possibly empty), in the order chosen.
 
         Anchored on the oldest live entry so nobody starves, then filled with the entries
         closest to it in length (ties: older first) while the batch stays within `max_requests`
         rows and `max_tokens` padded tokens. An entry over the token budget on its own still
-        runs, alone, so it is never stuck. The rest stay queued in arrival order.
+        runs, alone, so it is never stuck. With `overhead_tokens` (a batch's fixed cost, in
+        padded tokens) the batch is cut where it is most efficient (`_efficiency`). The rest stay
+        queued in arrival order.
         """
         self._replace(_drop_gone_and_expired(self._entries, now))
         if not self._entries:
             return []
-        chosen = _pick(self._entries, max_requests, max_tokens)
+        chosen = _pick(self._entries, max_requests, max_tokens, overhead_tokens)
         taken = {id(entry) for entry in chosen}
         self._replace([e for e in self._entries if id(e) not in taken])
         return chosen
@@ -212,22 +221,42 @@ class BatchQueue:
         self._tokens = sum(entry.tokens for entry in entries)
 
 
-def _pick(entries: list[Entry], max_requests: int, max_tokens: int) -> list[Entry]:
+def _pick(
+    entries: list[Entry], max_requests: int, max_tokens: int, overhead_tokens: int = 0
+) -> list[Entry]:
     anchor = entries[0]
     # Stable sort by distance keeps arrival order among equal distances: older first.
     candidates = sorted(entries[1:], key=lambda e: abs(e.tokens - anchor.tokens))
     chosen = [anchor]
-    longest = anchor.tokens
+    longest, real = anchor.tokens, anchor.tokens
+    best, best_size = _efficiency(real, 1, longest, overhead_tokens), 1
     for entry in candidates:
         if len(chosen) >= max_requests:
             break
         width = padded_width(max(longest, entry.tokens))
         # A candidate that breaks the budget may be followed by a shorter one that fits: skip
         # it rather than stop, so the batch stays as full as the budget allows.
-        if (len(chosen) + 1) * width <= max_tokens:
-            chosen.append(entry)
-            longest = max(longest, entry.tokens)
-    return chosen
+        if (len(chosen) + 1) * width > max_tokens:
+            continue
+        chosen.append(entry)
+        longest, real = max(longest, entry.tokens), real + entry.tokens
+        score = _efficiency(real, len(chosen), longest, overhead_tokens)
+        if score >= best:
+            best, best_size = score, len(chosen)
+    return chosen[:best_size]
+
+
+def _efficiency(real: int, rows: int, longest: int, overhead_tokens: int) -> float:
+    """Real tokens per unit of cost, the cost being padded tokens plus a fixed cost per batch.
+
+    With no per-batch cost (`overhead_tokens` 0) every prefix scores 1, so the batch is filled as
+    far as the limits allow. With one, a batch stops growing where the next, longer candidates
+    would add more padding than the batch saves: on CPU, where cost follows padded tokens and a
+    batch's fixed cost is small, tight batches beat full ones (measured in docs/inference.md).
+    """
+    if overhead_tokens <= 0:
+        return 1.0
+    return real / (rows * padded_width(longest) + overhead_tokens)
 
 
 @dataclass(eq=False)
@@ -403,7 +432,10 @@ class Batcher:
     def _form(self) -> _Prepared | None:
         settings = self._settings
         entries = self._queue.next_batch(
-            time.monotonic(), settings.max_batch_size, settings.max_batch_tokens
+            time.monotonic(),
+            settings.max_batch_size,
+            settings.max_batch_tokens,
+            settings.overhead_tokens,
         )
         return _prepare(entries, self._pad_id) if entries else None
 

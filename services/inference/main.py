@@ -66,6 +66,7 @@ class Worker:
             max_queue_delay=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             concurrency=settings.concurrency,
+            overhead_tokens=settings.batch_overhead_tokens,
         )
 
         def build(directory: Path, manifest: Manifest) -> tuple[Any, Any]:
@@ -100,6 +101,7 @@ class Worker:
             settings.max_text_chars,
             self.executor,
             record=self._record if self.records is not None else None,
+            inline_tokenize_chars=settings.inline_tokenize_chars,
         )
         self.ready = False
         self.batches = 0

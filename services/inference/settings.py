@@ -44,9 +44,22 @@ class InferenceSettings(ServiceSettings):
         description="How long the oldest queued text may wait for company. 0: a lone request "
         "runs at once and batches form from what arrives while a batch runs.",
     )
+    batch_overhead_tokens: int = Field(
+        default=64,
+        ge=0,
+        description="Fixed cost of running a batch, in padded tokens. Batches stop growing "
+        "where longer candidates would add more padding than they save; 0 fills every batch "
+        "(raise it on GPUs, where a batch's fixed cost is high and padding is cheap).",
+    )
     max_queue_size: int = Field(default=2048, ge=1, description="Queued texts per model version.")
     concurrency: int = Field(default=1, ge=1, le=64, description="Batches run at once per model.")
     max_text_chars: int = Field(default=20_000, ge=1, description="Longer texts are refused.")
+    inline_tokenize_chars: int = Field(
+        default=1024,
+        ge=0,
+        description="Requests up to this many characters are tokenized on the event loop "
+        "(faster than a thread hop); longer ones in a thread. 0: always in a thread.",
+    )
     providers: list[Provider] = Field(
         default_factory=_all_providers,
         description="Execution providers in order of preference (used when available).",

@@ -244,3 +244,46 @@ def test_collate_uses_the_pad_id_and_never_a_zero_width() -> None:
 @pytest.mark.parametrize(("longest", "width"), [(0, 8), (1, 8), (8, 8), (9, 16), (128, 128)])
 def test_padded_width(longest: int, width: int) -> None:
     assert padded_width(longest) == width
+
+
+def test_a_batch_stops_where_longer_candidates_would_cost_more_padding_than_they_save(
+    entry: MakeEntry,
+) -> None:
+    # Anchor and three alike at 8 tokens, then four at 64: with a per-batch cost of 16 padded
+    # tokens the 8-token rows run together (32 real / 48 cost) and the long ones wait, since
+    # adding them would pad every short row to 64.
+    short = [entry(8, at=float(i)) for i in range(4)]
+    long = [entry(64, at=float(4 + i)) for i in range(4)]
+    queue = queue_of(*short, *long)
+
+    assert queue.next_batch(now=10.0, max_requests=8, max_tokens=BIG, overhead_tokens=16) == short
+    assert queue.next_batch(now=10.0, max_requests=8, max_tokens=BIG, overhead_tokens=16) == long
+
+
+def test_without_a_batch_cost_batches_fill_as_before(entry: MakeEntry) -> None:
+    entries = [entry(n, at=float(i)) for i, n in enumerate([8, 8, 64, 64])]
+    queue = queue_of(*entries)
+    assert len(queue.next_batch(now=10.0, max_requests=8, max_tokens=BIG)) == 4
+
+
+def test_a_high_batch_cost_still_fills_the_batch(entry: MakeEntry) -> None:
+    # When a batch's fixed cost dwarfs padding (a GPU), one full batch beats two tight ones.
+    entries = [entry(n, at=float(i)) for i, n in enumerate([8, 8, 64, 64])]
+    queue = queue_of(*entries)
+    assert (
+        len(queue.next_batch(now=10.0, max_requests=8, max_tokens=BIG, overhead_tokens=10_000)) == 4
+    )
+
+
+def test_efficient_batches_never_lose_or_repeat_an_entry(entry: MakeEntry) -> None:
+    rng = np.random.default_rng(11)
+    entries = [entry(int(n), at=float(i)) for i, n in enumerate(rng.integers(1, 100, 80))]
+    queue = queue_of(*entries)
+    seen: list[Entry] = []
+    while len(queue):
+        batch = queue.next_batch(now=100.0, max_requests=32, max_tokens=4096, overhead_tokens=64)
+        assert batch and batch[0] is min(
+            (e for e in entries if e not in seen), key=lambda e: e.enqueued_at
+        )
+        seen += batch
+    assert sorted(map(id, seen)) == sorted(map(id, entries))
