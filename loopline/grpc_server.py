@@ -8,6 +8,9 @@ where `register(server)` adds the servicers and returns their full service names
 reflection). Tests use `running(...)`, which starts the same server on the configured (usually
 ephemeral) port and stops it without signals.
 
+With `tls_cert_file` and `tls_key_file` set, the gRPC port speaks TLS only (server authentication;
+clients verify the certificate). The metrics endpoint stays plain HTTP, meant for a private scrape.
+
 Shutdown order, on SIGTERM/SIGINT or `GrpcServer.stop()`:
 1. every health status turns NOT_SERVING (Watch streams see it; load balancers move away),
 2. the server stops accepting calls and lets in-flight ones finish within the grace period,
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import grpc
@@ -35,9 +39,17 @@ from loopline.metrics import (
     start_metrics_server,
     stop_metrics_server,
 )
-from loopline.settings import ServiceSettings
+from loopline.settings import ServiceSettings, env_var_name
 
-__all__ = ["GrpcServer", "Register", "ShutdownCallback", "running", "serve", "server_options"]
+__all__ = [
+    "GrpcServer",
+    "Register",
+    "ShutdownCallback",
+    "running",
+    "serve",
+    "server_credentials",
+    "server_options",
+]
 
 log = get_logger(__name__)
 
@@ -65,6 +77,30 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' certificate and key files, or None for plaintext.
+
+    The pair is loaded once through `ssl` first: grpc reports an unreadable PEM or a key that
+    does not match the certificate only as a failed handshake, long after a "serving" log line.
+    """
+    cert_file, key_file = settings.tls_cert_file, settings.tls_key_file
+    if cert_file is None or key_file is None:
+        return None  # the settings allow both or neither
+    try:
+        # An encrypted key would make OpenSSL prompt on the terminal; an empty password fails it.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_file, key_file, password=b"")
+        pair = (key_file.read_bytes(), cert_file.read_bytes())
+    except (OSError, ssl.SSLError) as err:
+        names = " and ".join(
+            env_var_name(type(settings), f) for f in ("tls_cert_file", "tls_key_file")
+        )
+        raise RuntimeError(
+            f"cannot use the TLS certificate {cert_file} with the key {key_file} ({err}); "
+            f"check {names}: a PEM certificate chain and its unencrypted PEM private key"
+        ) from err
+    return grpc.ssl_server_credentials([pair])
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -80,6 +116,7 @@ class GrpcServer:
         name: str,
         on_shutdown: Sequence[ShutdownCallback] = (),
         metrics: RequestMetrics | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.settings = settings
         self.name = name
@@ -90,8 +127,11 @@ class GrpcServer:
         self._register = register
         self._on_shutdown = tuple(on_shutdown)
         self._metrics = metrics if metrics is not None else request_metrics()
+        # The error interceptor comes first (outermost): what later ones raise, such as the
+        # refusals of `loopline.auth.TokenAuth`, becomes a status and a metric like any error.
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(name, self._metrics)], options=server_options(settings)
+            interceptors=[ErrorInterceptor(name, self._metrics), *interceptors],
+            options=server_options(settings),
         )
         self._stopping: asyncio.Future[None] | None = None
 
@@ -119,8 +159,12 @@ class GrpcServer:
 
     def _bind(self) -> int:
         address = _address(self.settings.host, self.settings.port)
+        credentials = server_credentials(self.settings)
         try:
-            port = int(self._server.add_insecure_port(address))
+            if credentials is None:
+                port = int(self._server.add_insecure_port(address))
+            else:
+                port = int(self._server.add_secure_port(address, credentials))
         except RuntimeError as err:
             raise RuntimeError(f"cannot listen on {address}: {err}; is the port in use?") from err
         if port == 0:  # older grpc reports a failed bind this way instead of raising
@@ -132,6 +176,7 @@ class GrpcServer:
             "service": self.name,
             "host": self.settings.host,
             "port": self.port,
+            "tls": self.settings.tls_cert_file is not None,
             "metrics_port": self.metrics_port,
             "services": list(self.service_names),
         }
@@ -195,13 +240,17 @@ async def serve(
     name: str,
     on_shutdown: Sequence[ShutdownCallback] = (),
     ready: asyncio.Event | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then drain it and return (exit status 0).
 
     `ready` is set once the server accepts calls and reports SERVING. A service that must flip
     its health itself (SERVING only once a model is loaded) uses `GrpcServer` directly.
+    `interceptors` run inside the error interceptor, in order (authorization, for one).
     """
-    server = GrpcServer(settings, register, name=name, on_shutdown=on_shutdown)
+    server = GrpcServer(
+        settings, register, name=name, on_shutdown=on_shutdown, interceptors=interceptors
+    )
     await server.start()
     await server.run_until_signal(ready)
 
@@ -239,13 +288,21 @@ async def running(
     name: str = "test",
     on_shutdown: Sequence[ShutdownCallback] = (),
     metrics: RequestMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[GrpcServer]:
     """Start a server (use `port=0` for an ephemeral port) and stop it on exit, without signals.
 
     The body may call `server.stop()` itself to exercise the drain; on exit any remaining calls are
     cancelled at once.
     """
-    server = GrpcServer(settings, register, name=name, on_shutdown=on_shutdown, metrics=metrics)
+    server = GrpcServer(
+        settings,
+        register,
+        name=name,
+        on_shutdown=on_shutdown,
+        metrics=metrics,
+        interceptors=interceptors,
+    )
     await server.start()
     try:
         yield server

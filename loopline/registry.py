@@ -155,6 +155,24 @@ class Registry:
         ]
         return sorted(infos, key=lambda v: (v.name, -int(v.version)))
 
+    def resolve(self, name: str, ref: str) -> str:
+        """The concrete version a reference means (`ref`: a version number or an alias);
+        NotFound, naming what to list, when the model, version or alias does not exist."""
+        if ref.isdigit():
+            self._require_version(name, ref)
+            return ref
+        self._registered(name)
+        version = self.alias_version(name, ref)
+        if version is None:
+            raise NotFound(
+                "model alias", f"{name}@{ref}", f"list aliases with `loopline models list {name}`"
+            )
+        return version
+
+    def describe_version(self, name: str, version: str, key: str, value: str) -> None:
+        """Tag a version (e.g. why an experiment promoted it)."""
+        self.client.set_model_version_tag(name, version, key, value)
+
     def download(self, name: str, ref: str, destination: Path) -> Path:
         """Fetch a version's package (`ref` is a version number or an alias) into a folder."""
         from mlflow.artifacts import download_artifacts

@@ -20,7 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -121,6 +128,44 @@ class ServiceSettings(BaseSettings):
         validation_alias=_shared("admin_token"),
         description="Bearer token the mutating (admin) RPCs require from callers.",
     )
+    # Per service (LOOPLINE_<SERVICE>_TLS_...), not shared: each service has its own name to prove.
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain served on the gRPC port (TLS); set with tls_key_file.",
+    )
+    tls_key_file: Path | None = Field(
+        default=None,
+        # Validated even when unset, so that a certificate without its key is caught.
+        validate_default=True,
+        description="PEM private key (unencrypted) of tls_cert_file; neither: plaintext gRPC.",
+    )
+
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        try:
+            with value.open("rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"cannot read {value}: {err.strerror}") from None
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _tls_pair(cls, key: Path | None, info: ValidationInfo) -> Path | None:
+        if "tls_cert_file" not in info.data:
+            return key  # the certificate failed its own check, which names the problem
+        if (info.data["tls_cert_file"] is None) != (key is None):
+            cert_var, key_var = (
+                env_var_name(cls, "tls_cert_file"),
+                env_var_name(cls, "tls_key_file"),
+            )
+            raise ValueError(f"set both {cert_var} and {key_var} for TLS, or neither")
+        return key
 
 
 class SettingsError(ValueError):

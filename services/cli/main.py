@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from loopline.logging import configure_logging
-from services.cli import models, serve, train
+from services.cli import classify, experiments, models, serve, train
 from services.cli.common import out
 
 app = typer.Typer(
@@ -66,6 +66,9 @@ def presets() -> None:
 
 
 app.command(name="train", help=train.HELP)(train.train)
+app.command(name="classify")(classify.classify)
+app.command(name="feedback")(classify.feedback)
+app.add_typer(experiments.app, name="experiments")
 app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")
 

@@ -50,3 +50,37 @@ def inference(
             cpu_variant=cpu_variant,
         )
     )
+
+
+@app.command()
+@reports_errors
+def router(
+    port: Annotated[
+        int | None, typer.Option(help="Public gRPC port. [env: LOOPLINE_ROUTER_PORT]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
+    worker: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--worker",
+            help="host:port of an Open Inference Protocol server (ours, Triton, MLServer); "
+            "repeat for several. [env: LOOPLINE_ROUTER_WORKERS as a JSON list]",
+        ),
+    ] = None,
+    default_model: Annotated[
+        str | None, typer.Option(help="Model for requests that name none.")
+    ] = None,
+) -> None:
+    """The router: the public loopline.v1.Router API, experiments and forwarding to workers."""
+    from services.router.main import main
+
+    main(
+        **_overrides(
+            port=port,
+            host=host,
+            metrics_port=metrics_port,
+            workers=worker,
+            default_model=default_model,
+        )
+    )

@@ -17,14 +17,23 @@ class ModelRef:
 
     Neither set means "whatever the model's public name routes to": its running experiment, or
     its `champion` alias. `target` is what a worker's `model_version` field takes: workers accept
-    a version number or an alias there.
+    a version number or an alias there. In an answer both are set: the concrete version that
+    served, and the alias it was resolved through; `requested` builds (and checks) a request's.
     """
 
     name: str
     version: str = ""
     alias: str = ""
 
-    def __post_init__(self) -> None:
+    @classmethod
+    def requested(cls, name: str, version: str = "", alias: str = "") -> ModelRef:
+        """A reference from a caller: at most one of version and alias."""
+        ref = cls(name, version, alias)
+        ref.check()
+        return ref
+
+    def check(self) -> None:
+        """Refuse a version and an alias together (which one would the caller mean?)."""
         if self.version and self.alias:
             raise InvalidInput(
                 f"model '{self.name}': set a version ({self.version}) or an alias "

@@ -282,8 +282,7 @@ def test_efficient_batches_never_lose_or_repeat_an_entry(entry: MakeEntry) -> No
     seen: list[Entry] = []
     while len(queue):
         batch = queue.next_batch(now=100.0, max_requests=32, max_tokens=4096, overhead_tokens=64)
-        assert batch and batch[0] is min(
-            (e for e in entries if e not in seen), key=lambda e: e.enqueued_at
-        )
+        assert batch
+        assert batch[0] is min((e for e in entries if e not in seen), key=lambda e: e.enqueued_at)
         seen += batch
     assert sorted(map(id, seen)) == sorted(map(id, entries))
