@@ -55,6 +55,10 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Stopped by an error; `error` says why."""
     JOB_STATE_CANCELLED: _JobState.ValueType  # 9
     """Stopped by CancelJob."""
+    JOB_STATE_INTERRUPTED: _JobState.ValueType  # 10
+    """Was running when the trainer process died; `progress` holds the last progress seen. Submit
+    again to retry (a queued job, by contrast, survives a restart and runs).
+    """
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Where a job's state is."""
@@ -81,7 +85,39 @@ JOB_STATE_FAILED: JobState.ValueType  # 8
 """Stopped by an error; `error` says why."""
 JOB_STATE_CANCELLED: JobState.ValueType  # 9
 """Stopped by CancelJob."""
+JOB_STATE_INTERRUPTED: JobState.ValueType  # 10
+"""Was running when the trainer process died; `progress` holds the last progress seen. Submit
+again to retry (a queued job, by contrast, survives a restart and runs).
+"""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
+
+class _PromotionPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PromotionPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PromotionPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROMOTION_POLICY_UNSPECIFIED: _PromotionPolicy.ValueType  # 0
+    """Not set: GATE when a gate is given, else ALWAYS when an alias is given."""
+    PROMOTION_POLICY_NONE: _PromotionPolicy.ValueType  # 1
+    """Register only; the alias is not moved."""
+    PROMOTION_POLICY_GATE: _PromotionPolicy.ValueType  # 2
+    """Move the alias only if the new version passes `gate` against the alias's current version."""
+    PROMOTION_POLICY_ALWAYS: _PromotionPolicy.ValueType  # 3
+    """Move the alias to the new version."""
+
+class PromotionPolicy(_PromotionPolicy, metaclass=_PromotionPolicyEnumTypeWrapper):
+    """What happens to `alias` once a new version is registered."""
+
+PROMOTION_POLICY_UNSPECIFIED: PromotionPolicy.ValueType  # 0
+"""Not set: GATE when a gate is given, else ALWAYS when an alias is given."""
+PROMOTION_POLICY_NONE: PromotionPolicy.ValueType  # 1
+"""Register only; the alias is not moved."""
+PROMOTION_POLICY_GATE: PromotionPolicy.ValueType  # 2
+"""Move the alias only if the new version passes `gate` against the alias's current version."""
+PROMOTION_POLICY_ALWAYS: PromotionPolicy.ValueType  # 3
+"""Move the alias to the new version."""
+Global___PromotionPolicy: _TypeAlias = PromotionPolicy  # noqa: Y015
 
 @_typing.final
 class FileSource(_message.Message):
@@ -120,10 +156,21 @@ class FeedbackSource(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     MAX_EXAMPLES_FIELD_NUMBER: _builtins.int
+    MIX_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Only requests served under this public model name. Empty: the job spec's `name`."""
     max_examples: _builtins.int
     """Upper bound on examples taken (newest first). 0: no limit."""
+    mix_ratio: _builtins.float
+    """Share of the assembled training set that comes from feedback, in (0, 1]: the file sources
+    are sampled down (or feedback is) so that feedback makes up this fraction. 0: concatenate
+    everything as it is.
+    """
+    min_examples: _builtins.int
+    """Fewer usable examples than this (after joining and de-duplication) fails the job with the
+    reason. 0: the trainer default (50).
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Only feedback received at or after this time. Unset: all retained feedback."""
@@ -144,10 +191,12 @@ class FeedbackSource(_message.Message):
         model: _builtins.str = ...,
         sources: _abc.Iterable[_builtins.str] | None = ...,
         max_examples: _builtins.int = ...,
+        mix_ratio: _builtins.float = ...,
+        min_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_examples", b"max_examples", "model", b"model", "since", b"since", "sources", b"sources", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_examples", b"max_examples", "min_examples", b"min_examples", "mix_ratio", b"mix_ratio", "model", b"model", "since", b"since", "sources", b"sources", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,6 +327,7 @@ class PromotionGate(_message.Message):
     MIN_IMPROVEMENT_FIELD_NUMBER: _builtins.int
     COMPARE_ALIAS_FIELD_NUMBER: _builtins.int
     MAX_EXPORT_ERROR_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_FACTOR_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric that decides, as named in Job.metrics, e.g. "accuracy" or "macro_f1". Empty:
     "accuracy".
@@ -295,6 +345,10 @@ class PromotionGate(_message.Message):
     """Largest allowed absolute difference between ONNX and trained-model probabilities on the
     validation data. 0: the trainer default (1e-3).
     """
+    max_latency_factor: _builtins.float
+    """The new version's int8 latency per batch may be at most this many times the compared
+    version's, measured on the same machine and batches. 0: the trainer default (1.25).
+    """
     def __init__(
         self,
         *,
@@ -303,10 +357,11 @@ class PromotionGate(_message.Message):
         min_improvement: _builtins.float = ...,
         compare_alias: _builtins.str = ...,
         max_export_error: _builtins.float = ...,
+        max_latency_factor: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_alias", b"compare_alias", "max_export_error", b"max_export_error", "metric", b"metric", "min_improvement", b"min_improvement", "min_value", b"min_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_alias", b"compare_alias", "max_export_error", b"max_export_error", "max_latency_factor", b"max_latency_factor", "metric", b"metric", "min_improvement", b"min_improvement", "min_value", b"min_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -353,6 +408,7 @@ class JobSpec(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     GATE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    PROMOTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registered model name the new version is added to, e.g. "sentiment"."""
     alias: _builtins.str
@@ -381,6 +437,8 @@ class JobSpec(_message.Message):
     """Random seed for data splits, initialisation and search; the same spec and seed give the
     same model on the same hardware.
     """
+    promotion: Global___PromotionPolicy.ValueType
+    """Whether and how `alias` moves to the new version."""
     @_builtins.property
     def data(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataSource]:
         """Training data; several sources are concatenated."""
@@ -419,10 +477,11 @@ class JobSpec(_message.Message):
         hyperparameters: Global___Hyperparameters | None = ...,
         gate: Global___PromotionGate | None = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        promotion: Global___PromotionPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate", "hyperparameters", b"hyperparameters", "validation", b"validation", "validation_data", b"validation_data", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "base_model", b"base_model", "data", b"data", "epochs", b"epochs", "gate", b"gate", "hyperparameters", b"hyperparameters", "label_column", b"label_column", "max_length", b"max_length", "name", b"name", "seed", b"seed", "tags", b"tags", "text_column", b"text_column", "trials", b"trials", "validation", b"validation", "validation_data", b"validation_data", "validation_fraction", b"validation_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "base_model", b"base_model", "data", b"data", "epochs", b"epochs", "gate", b"gate", "hyperparameters", b"hyperparameters", "label_column", b"label_column", "max_length", b"max_length", "name", b"name", "promotion", b"promotion", "seed", b"seed", "tags", b"tags", "text_column", b"text_column", "trials", b"trials", "validation", b"validation", "validation_data", b"validation_data", "validation_fraction", b"validation_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_validation: _TypeAlias = _typing.Literal["validation_data", "validation_fraction"]  # noqa: Y015
     _WhichOneofArgType_validation: _TypeAlias = _typing.Literal["validation", b"validation"]  # noqa: Y015

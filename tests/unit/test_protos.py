@@ -309,6 +309,7 @@ def test_job_states_cover_the_pipeline_in_order() -> None:
         "SUCCEEDED",
         "FAILED",
         "CANCELLED",
+        "INTERRUPTED",
     ]
 
 
