@@ -1,0 +1,94 @@
+"""Job specs: strict validation naming each field, the YAML shorthands, the proto round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from loopline.errors import InvalidInput
+from loopline.v1 import trainer_pb2 as pb
+from services.trainer.convert import job_spec, spec_pb
+from services.trainer.spec import parse_spec
+
+BASE: dict[str, Any] = {
+    "name": "sentiment",
+    "alias": "champion",
+    "data": [{"file": "train.jsonl"}, {"feedback": {"mix_ratio": 0.3}}],
+    "validation": "validation.jsonl",
+    "promotion": "gate",
+    "gate": {"metric": "accuracy", "min_improvement": 0.005},
+}
+
+
+def test_shorthands_and_defaults() -> None:
+    spec = parse_spec(BASE)
+    assert spec.data[0].file is not None
+    assert str(spec.data[0].file.path) == "train.jsonl"
+    assert spec.data[1].feedback is not None
+    assert spec.data[1].feedback.mix_ratio == 0.3
+    assert spec.validation is not None
+    assert spec.validation.file is not None
+    assert spec.policy == "gate"
+    assert spec.gate is not None
+    assert spec.gate.max_latency_factor == 1.25
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "bad name!"}, "name"),
+        ({"data": []}, "data"),
+        ({"data": [{}]}, "data.0"),
+        ({"data": [{"file": "a", "feedback": {}}]}, "data.0"),
+        ({"epochs": -1}, "epochs"),
+        ({"gate": {"metric": "auc"}}, "gate.metric"),
+        ({"hyperparmeters": {}}, "hyperparmeters"),  # misspelt: refused, not ignored
+        ({"validation_fraction": 0.2}, "spec"),  # both validation forms
+        ({"alias": ""}, "spec"),  # gate without an alias to move
+    ],
+)
+def test_bad_specs_name_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_spec({**BASE, **change})
+    assert field in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("alias", "promotion", "gate", "policy"),
+    [
+        ("", "", None, "none"),
+        ("challenger", "", None, "always"),
+        ("champion", "", {"metric": "accuracy"}, "gate"),
+        ("champion", "none", None, "none"),
+    ],
+)
+def test_effective_policy(alias: str, promotion: str, gate: object, policy: str) -> None:
+    data = {"name": "m", "data": [{"file": "t.jsonl"}], "alias": alias, "promotion": promotion}
+    if gate is not None:
+        data["gate"] = gate
+    assert parse_spec(data).policy == policy
+
+
+def test_proto_round_trip_keeps_every_field() -> None:
+    spec = parse_spec(
+        {
+            **BASE,
+            "base_model": "models:/sentiment@champion",
+            "epochs": 2,
+            "trials": 3,
+            "max_length": 64,
+            "seed": 7,
+            "hyperparameters": {"learning_rate": 5e-5, "extra": {"dropout": "0.2"}},
+            "tags": {"ticket": "ML-42"},
+        }
+    )
+    message = spec_pb(spec)
+    again = job_spec(pb.JobSpec.FromString(message.SerializeToString()))
+    assert again == spec
+
+
+def test_an_empty_proto_source_is_refused() -> None:
+    message = pb.JobSpec(name="m", data=[pb.DataSource()])
+    with pytest.raises(InvalidInput, match="data.0"):
+        job_spec(message)
