@@ -90,5 +90,5 @@ def test_proto_round_trip_keeps_every_field() -> None:
 
 def test_an_empty_proto_source_is_refused() -> None:
     message = pb.JobSpec(name="m", data=[pb.DataSource()])
-    with pytest.raises(InvalidInput, match="data.0"):
+    with pytest.raises(InvalidInput, match=r"data\.0"):
         job_spec(message)
