@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CHAMPION = "champion"  # the alias a router sends a model's plain traffic to
+
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
@@ -207,8 +209,8 @@ class ModelRepository:
             raise NotFound("model", name, "list served models with RepositoryIndex")
         if not ref:
             version = self._default.get(name, "")
-        elif ref.isdigit():
-            version = ref
+        elif ref in versions or ref.isdigit():
+            version = ref  # a folder package's version need not be a number
         else:
             version = self._aliases.get((name, ref), "")
         model = versions.get(version)
@@ -292,6 +294,7 @@ class ModelRepository:
         self._versions.setdefault(name, {})[version] = model
         if pin:
             self._pinned.add((name, version))
+            self._stand_in_champion(name, version)
         self._default.setdefault(name, version)
         if self.on_ready is not None:
             self.on_ready(model)
@@ -306,6 +309,16 @@ class ModelRepository:
             },
         )
         return model
+
+    def _stand_in_champion(self, name: str, version: str) -> None:
+        """A pinned version (a folder, `models:/NAME/3`) answers to `champion` while nothing on
+        this worker follows the real alias: a router sends a model's plain traffic to its
+        champion, and a worker serving one fixed version of a model is what that traffic means.
+        Following `models:/NAME@champion` takes the alias over at its first check."""
+        if (name, CHAMPION) in self._aliases or (name, CHAMPION) in self._tracked:
+            return
+        self._aliases[(name, CHAMPION)] = version
+        self._versions[name][version].aliases.add(CHAMPION)
 
     def _point_alias(self, name: str, alias: str, version: str) -> str | None:
         """Switch an alias (and the name's default, when the alias is the default's source)."""
@@ -380,6 +393,9 @@ class ModelRepository:
             model = versions.pop(number)
             model.state = ModelState.DRAINING
             self._pinned.discard((name, number))
+            # An alias left pointing at an unloaded version would resolve to nothing; a followed
+            # alias is reinstalled by its next check.
+            self._aliases = {k: v for k, v in self._aliases.items() if (k[0], v) != (name, number)}
             if self._default.get(name) == number:
                 self._default.pop(name)
                 if versions:

@@ -95,3 +95,27 @@ def test_an_engine_that_fails_warm_up_is_closed(tiny_package: Path) -> None:
         await repository.close()
 
     asyncio.run(scenario())
+
+
+def test_a_pinned_folder_stands_in_for_champion_until_the_real_alias_is_followed(
+    tiny_package: Path,
+) -> None:
+    async def scenario() -> None:
+        store = ScriptedStore(tiny_package)
+        repository = _repository(store, [])
+        folder = await repository.add(ModelSource.parse(str(tiny_package)))
+        # A router's plain traffic asks for champion; the folder's own version (not a number)
+        # can be named too.
+        assert repository.resolve("tiny", "champion") is folder
+        assert repository.resolve("tiny", folder.version) is folder
+        assert "champion" in folder.aliases
+
+        await repository.add(ModelSource("models:/tiny@champion", "tiny", alias="champion"))
+        followed = repository.resolve("tiny", "champion")
+        assert followed.version == "1"
+        assert followed is not folder
+        assert "champion" not in folder.aliases
+        assert repository.resolve("tiny", folder.version) is folder  # still pinned, still served
+        await repository.close()
+
+    asyncio.run(scenario())
