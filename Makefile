@@ -13,7 +13,8 @@ help:
 	@echo "make test    protos check + the test suite (installs first when needed)"
 	@echo "make lint    ruff check, ruff format --check, mypy --strict"
 	@echo "make protos  regenerate Python stubs from protos/"
-	@echo "make bench   benchmarks; figures in bench/results/ (BENCH_ARGS=--package DIR)"
+	@echo "make bench   worker, router and language benchmarks; figures in bench/results/"
+	@echo "             (BENCH_ARGS=--package DIR for the worker, BENCH_ROUTER_ARGS for the router)"
 
 setup: $(STAMP)
 
@@ -40,9 +41,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# BENCH_ARGS go to bench.inference (e.g. --package DIR), BENCH_ROUTER_ARGS to bench.router.
 BENCH_ARGS ?=
+BENCH_ROUTER_ARGS ?=
+BENCH_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 bench: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m bench.inference $(BENCH_ARGS)
+	$(BENCH_ENV) $(PY) -m bench.inference $(BENCH_ARGS)
+	$(BENCH_ENV) $(PY) -m bench.router $(BENCH_ROUTER_ARGS)
+	$(BENCH_ENV) $(PY) -m bench.language
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
