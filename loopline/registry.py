@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 PREVIOUS_TAG = "loopline.previous_champion"
 PACKAGE_ARTIFACT_PATH = "package"
+CHECKPOINT_ARTIFACT_PATH = "checkpoint"  # the trained weights, to continue training from
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,33 @@ class Registry:
         uri = self.client.get_model_version_download_uri(name, version)
         destination.mkdir(parents=True, exist_ok=True)
         return Path(download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+
+    def download_checkpoint(self, name: str, version: str, destination: Path) -> Path:
+        """Fetch the training checkpoint (encoder, head, tokenizer) a version was exported from,
+        which its training run keeps beside the package, to continue training from it."""
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        self._require_version(name, version)
+        run_id = self.client.get_model_version(name, version).run_id
+        if not run_id:
+            raise FailedPrecondition(f"version {name}/{version} has no training run", name=name)
+        destination.mkdir(parents=True, exist_ok=True)
+        try:
+            path = download_artifacts(
+                run_id=run_id,
+                artifact_path=CHECKPOINT_ARTIFACT_PATH,
+                dst_path=str(destination),
+                tracking_uri=self.tracking_uri,
+            )
+        except (MlflowException, OSError) as err:
+            raise FailedPrecondition(
+                f"version {name}/{version} kept no training checkpoint ({type(err).__name__}); "
+                "continue from its base model instead",
+                name=name,
+                version=version,
+            ) from None
+        return Path(path)
 
     def _registered(self, name: str) -> Any:
         from mlflow.exceptions import MlflowException
