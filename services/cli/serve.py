@@ -84,3 +84,19 @@ def router(
             default_model=default_model,
         )
     )
+
+
+@app.command()
+@reports_errors
+def trainer(
+    port: Annotated[
+        int | None, typer.Option(help="gRPC port. [env: LOOPLINE_TRAINER_PORT]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
+    slots: Annotated[int | None, typer.Option(help="Jobs run at once (one per device).")] = None,
+) -> None:
+    """The trainer service: training jobs over gRPC, one child process per job."""
+    from services.trainer.main import main
+
+    main(**_overrides(port=port, host=host, metrics_port=metrics_port, slots=slots))

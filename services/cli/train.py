@@ -122,8 +122,59 @@ def train(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    submit: Annotated[
+        bool,
+        typer.Option(
+            "--submit",
+            help="Send --spec (a trainer job spec) to the trainer service instead of training "
+            "here.",
+            rich_help_panel="Trainer service",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Submit and follow the job to its end; exit 0 only if it succeeded.",
+            rich_help_panel="Trainer service",
+        ),
+    ] = False,
+    trainer: Annotated[
+        str,
+        typer.Option(
+            "--trainer",
+            envvar="LOOPLINE_TRAINER_ADDRESS",
+            help="Trainer service address, host:port.",
+            rich_help_panel="Trainer service",
+        ),
+    ] = "127.0.0.1:8002",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="LOOPLINE_ADMIN_TOKEN",
+            help="Admin token for the trainer service.",
+            rich_help_panel="Trainer service",
+        ),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Submitting again with the same key returns the existing job.",
+            rich_help_panel="Trainer service",
+        ),
+    ] = None,
 ) -> None:
-    """Validate the data, fine-tune, evaluate, export and register."""
+    """Validate the data, fine-tune, evaluate, export and register (here, or with --submit /
+    --wait on the trainer service)."""
+    if submit or wait:
+        from services.cli.submit import submit as submit_job
+
+        if spec is None:
+            raise InvalidInput("--submit and --wait take a job spec: give --spec SPEC.yaml")
+        submit_job(spec, trainer, token, idempotency_key, wait, as_json)
+        return
     from services.trainer.pipeline import run_job
 
     fields = dict(

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loopline.v1 import trainer_pb2 as pb
+from services.trainer.jobs import EventKind, Job, JobEvent
 from services.trainer.spec import DataSource, JobSpec, parse_spec
 
 POLICY_FROM_PB = {
@@ -171,4 +172,94 @@ def spec_pb(spec: JobSpec) -> pb.JobSpec:
                 max_latency_factor=g.max_latency_factor,
             )
         )
+    return message
+
+
+# ----- jobs -----
+
+STATE_TO_PB = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "validating": pb.JOB_STATE_VALIDATING,
+    "training": pb.JOB_STATE_TRAINING,
+    "exporting": pb.JOB_STATE_EXPORTING,
+    "evaluating": pb.JOB_STATE_EVALUATING,
+    "registering": pb.JOB_STATE_REGISTERING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+    "interrupted": pb.JOB_STATE_INTERRUPTED,
+}
+STATE_FROM_PB = {value: key for key, value in STATE_TO_PB.items()}
+_PROGRESS_FIELDS = (
+    "epoch",
+    "epochs",
+    "step",
+    "total_steps",
+    "loss",
+    "examples_per_second",
+    "trial",
+    "trials",
+    "learning_rate",
+)
+
+
+_INT_FIELDS = frozenset({"epoch", "epochs", "step", "total_steps", "trial", "trials"})
+
+
+def progress_pb(progress: dict[str, Any]) -> pb.Progress:
+    message = pb.Progress()
+    for key in _PROGRESS_FIELDS:
+        value = progress.get(key)
+        if value is not None:
+            setattr(message, key, int(value) if key in _INT_FIELDS else float(value))
+    return message
+
+
+def job_pb(job: Job) -> pb.Job:
+    """A stored job as protobuf; its spec is shown validated, with defaults filled in."""
+    message = pb.Job(
+        id=job.id,
+        spec=spec_pb(parse_spec(job.spec)),
+        state=STATE_TO_PB[job.state.value],
+        error=job.error,
+        metrics=job.metrics,
+        progress=progress_pb(job.progress),
+        create_time=_stamp(job.create_time),
+        start_time=_stamp(job.start_time),
+        end_time=_stamp(job.end_time),
+        gate_passed=job.gate_passed,
+        gate_reason=job.gate_reason,
+    )
+    if job.model is not None:
+        message.model.name, message.model.version = job.model.name, job.model.version
+        message.model.alias = job.model.alias
+    return message
+
+
+def event_pb(event: JobEvent) -> pb.JobEvent:
+    message = pb.JobEvent(job_id=event.job_id, time=_stamp(event.time), sequence=event.sequence)
+    payload = event.payload
+    if event.kind is EventKind.STATE:
+        message.state_change.CopyFrom(
+            pb.StateChange(
+                previous_state=STATE_TO_PB.get(
+                    payload.get("previous_state", ""), pb.JOB_STATE_UNSPECIFIED
+                ),
+                state=STATE_TO_PB.get(payload.get("state", ""), pb.JOB_STATE_UNSPECIFIED),
+                message=str(payload.get("message", "")),
+            )
+        )
+    elif event.kind is EventKind.PROGRESS:
+        message.progress.CopyFrom(progress_pb(payload))
+    elif event.kind is EventKind.METRICS:
+        message.metrics.CopyFrom(
+            pb.MetricsUpdate(
+                metrics={k: float(v) for k, v in (payload.get("metrics") or {}).items()},
+                split=str(payload.get("split", "")),
+                epoch=int(payload.get("epoch") or 0),
+                trial=int(payload.get("trial") or 0),
+            )
+        )
+    else:
+        message.job.CopyFrom(job_pb(event.job()))
     return message

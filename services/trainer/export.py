@@ -1,9 +1,21 @@
 """Export a trained classifier as a model package: ONNX fp32 (optimised), int8, optional fp16.
 
-The int8 variant uses 8-bit block-quantised weights (MatMulNBits) whose activations are quantised
-per row and block at run time. Dynamic quantisation (ORT's `quantize_dynamic`) picks one
-activation scale for the whole batch, so a text's answer would depend on its batch neighbours;
-block-wise scales never look across rows, so batching cannot change an answer.
+The int8 variant must give every text the same answer whatever shares its batch. ORT's
+`quantize_dynamic` computes one activation scale per batch, so a text's answer moves with its
+neighbours (18-20 of 1,000 labels flipped on the fine-tuned MiniLM). Two exporters avoid that:
+
+- "static" (the default when calibration batches are given): int8 weights and *fixed* uint8
+  activation scales measured on training text. It starts from `quantize_dynamic`'s graph, whose
+  integer kernels are the fast ones on x86 (`QAttention` for the fused attention, MatMulInteger
+  for the other projections), replaces each `DynamicQuantizeLinear` with a `QuantizeLinear` whose
+  scale and zero point are constants, and writes each MatMulInteger -> Cast -> Mul [-> Add] chain
+  as one `MatMulIntegerToFloat` (ORT's own fusion only fires on run-time scales). Quantising one
+  element never looks at another, so batching cannot change an answer.
+- "blockwise": 8-bit block-quantised weights (MatMulNBits) whose activations are quantised per row
+  and block at run time; batch independent too, needs no calibration, but barely faster than fp32
+  on x86. The fallback when no calibration text is given or the static graph fails the gates.
+
+`scripts/int8_study.py` measured these and the alternatives (docs/training.md has the table).
 """
 
 from __future__ import annotations
@@ -15,13 +27,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from loopline.errors import FailedPrecondition
 from loopline.package import EMBEDDING_OUTPUT, LOGITS_OUTPUT, TOKENIZER_FILE, VARIANT_FILES
+from loopline.runtime import pad
 from services.trainer.modeling import SentenceClassifier
 
 log = logging.getLogger(__name__)
@@ -30,6 +43,10 @@ OPSET = 17
 INPUT_NAMES = ["input_ids", "attention_mask"]
 # Families whose exported graph matches the BERT fusion patterns of ORT's transformer optimizer.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra", "mpnet"}
+
+Int8Method = Literal["static", "blockwise"]
+# (input_ids, attention_mask), int64, padded as the runtime pads: what calibration runs on.
+CalibrationBatch = tuple[np.ndarray, np.ndarray]
 
 
 class ExportRefused(FailedPrecondition):
@@ -48,7 +65,9 @@ class ExportOptions:
     optimize: bool = True
     max_abs_logit_diff: float = 1e-3
     max_int8_accuracy_drop_points: float = 0.5
-    int8_block_size: int = 32
+    # "static" needs calibration batches; without them write_graphs falls back to "blockwise".
+    int8_method: Int8Method = "static"
+    int8_block_size: int = 32  # blockwise only
 
 
 def export_fp32(model: SentenceClassifier, path: Path) -> None:
@@ -117,6 +136,223 @@ def quantize_int8(source: Path, target: Path, block_size: int = 32) -> None:
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
 
+def calibration_batches(
+    token_ids: Sequence[Sequence[int]], pad_id: int, *, texts: int = 512, batch_size: int = 32
+) -> list[CalibrationBatch]:
+    """Up to `texts` tokenized texts spread evenly over the set, in length-sorted padded batches.
+
+    Length-sorted like the worker's batches, so calibration sees the padding it will see.
+    """
+    if not token_ids:
+        return []
+    step = max(1, len(token_ids) // texts)
+    chosen = sorted((list(ids) for ids in token_ids[::step][:texts]), key=len)
+    return [pad(chosen[i : i + batch_size], pad_id) for i in range(0, len(chosen), batch_size)]
+
+
+def activation_ranges(
+    source: Path, tensors: Sequence[str], calibration: Sequence[CalibrationBatch]
+) -> dict[str, tuple[float, float]]:
+    """(min, max) of each named fp32 tensor over the real (unpadded) tokens of the batches."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    present = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in present:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    # Basic optimisation only: extended fusions could swallow a tensor we want to observe.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    low = dict.fromkeys(tensors, np.inf)
+    high = dict.fromkeys(tensors, -np.inf)
+    for input_ids, mask in calibration:
+        values = session.run(list(tensors), {"input_ids": input_ids, "attention_mask": mask})
+        real = mask.astype(bool)
+        for name, value in zip(tensors, values, strict=True):
+            array = np.asarray(value)
+            if array.ndim >= 2 and array.shape[:2] == real.shape:
+                array = array[real]  # padding is masked out downstream; its range is noise
+            if array.size:
+                low[name] = min(low[name], float(array.min()))
+                high[name] = max(high[name], float(array.max()))
+    missing = [n for n in tensors if not np.isfinite(low[n])]
+    if missing:
+        raise ValueError(f"calibration saw no values for {missing[:3]}")
+    return {n: (low[n], high[n]) for n in tensors}
+
+
+def uint8_scale(low: float, high: float) -> tuple[float, int]:
+    """Scale and zero point of asymmetric uint8 over [low, high] widened to hold 0 exactly.
+
+    The same arithmetic as `DynamicQuantizeLinear`, done once at export instead of per batch.
+    """
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255.0
+    if scale <= 0.0 or not np.isfinite(scale):
+        return 1.0, 0
+    return scale, int(np.clip(round(-low / scale), 0, 255))
+
+
+def quantize_int8_static(
+    source: Path,
+    target: Path,
+    calibration: Sequence[CalibrationBatch],
+    *,
+    per_channel: bool = False,
+) -> dict[str, int]:
+    """int8 weights, uint8 activations with fixed scales calibrated on `calibration`.
+
+    Returns the operator counts of the quantised part (for the manifest's description).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not calibration:
+        raise ValueError("static int8 needs calibration batches")
+    # The head stays fp32: tiny, and its logits are the answer. The quantiser rewrites a Gemm as
+    # MatMul + Add named `<name>_MatMul` before it looks at the exclusions, hence both names.
+    graph = onnx.load(str(source), load_external_data=False).graph
+    heads = [n.name for n in graph.node if n.op_type == "Gemm"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dynamic = Path(tmp) / "dynamic.onnx"
+        quantize_dynamic(
+            str(source),
+            str(dynamic),
+            op_types_to_quantize=["MatMul", "Attention"],  # not the embedding lookup
+            nodes_to_exclude=[*heads, *(f"{n}_MatMul" for n in heads)],
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            # Shape inference stops at ORT's fused operators; their outputs are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+        )
+        model = onnx.load(str(dynamic))
+    tensors = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    ranges = activation_ranges(source, sorted(set(tensors)), calibration)
+    _freeze_activation_scales(model, ranges)
+    _fuse_matmul_integer_to_float(model)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in _INTEGER_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    onnx.save(model, str(target))
+    return counts
+
+
+_INTEGER_OPS = {"MatMulIntegerToFloat", "MatMulInteger", "QAttention", "QuantizeLinear"}
+
+
+def _freeze_activation_scales(model: Any, ranges: dict[str, tuple[float, float]]) -> None:
+    """Each DynamicQuantizeLinear(x) -> (q, scale, zero point) becomes QuantizeLinear(x) -> q,
+    its scale and zero point constants under the same names, so every consumer stays wired."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            nodes.append(node)
+            continue
+        source = node.input[0]
+        quantized, scale_name, zero_name = node.output
+        scale, zero = uint8_scale(*ranges[source])
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), scale_name))
+        graph.initializer.append(numpy_helper.from_array(np.array(zero, np.uint8), zero_name))
+        nodes.append(
+            helper.make_node(
+                "QuantizeLinear", [source, scale_name, zero_name], [quantized], name=node.name
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _fuse_matmul_integer_to_float(model: Any) -> None:
+    """MatMulInteger -> Cast -> Mul(Mul(a_scale, b_scale)) [-> Add(bias)] as MatMulIntegerToFloat.
+
+    ORT fuses this chain itself only while the scales are computed at run time: with constant
+    scales, constant folding removes the scale Mul before the fusion looks for it, and the three
+    separate kernels are about a third slower. A chain of another shape is left as it is.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {init.name: init for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    replaced: dict[int, Any] = {}
+    removed: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "MatMulInteger" or node.output[0] in outputs:
+            continue
+        chain = _scale_chain(node, consumers, producer, constants, outputs)
+        if chain is None:
+            continue
+        cast, mul, scales, add, bias = chain
+        quantize = producer.get(node.input[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        a_scale = quantize.input[1]
+        if a_scale not in scales.input:
+            continue
+        b_scale = scales.input[1] if scales.input[0] == a_scale else scales.input[0]
+        zeros = [*node.input[2:4], "", ""][:2]
+        inputs = [node.input[0], node.input[1], a_scale, b_scale, *zeros, bias]
+        while not inputs[-1]:
+            inputs.pop()  # optional inputs left out at the end
+        end = add if add is not None else mul
+        replaced[id(node)] = helper.make_node(
+            "MatMulIntegerToFloat", inputs, [end.output[0]], name=node.name, domain="com.microsoft"
+        )
+        removed.update(id(n) for n in (cast, mul, scales, add) if n is not None)
+    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in removed]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _scale_chain(
+    node: Any,
+    consumers: dict[str, list[Any]],
+    producer: dict[str, Any],
+    constants: dict[str, Any],
+    outputs: set[str],
+) -> tuple[Any, Any, Any, Any, str] | None:
+    """The (Cast, Mul, scale Mul, Add or None, bias name or '') after a MatMulInteger, or None."""
+    after = consumers.get(node.output[0], [])
+    if len(after) != 1 or after[0].op_type != "Cast" or after[0].output[0] in outputs:
+        return None
+    cast = after[0]
+    after = consumers.get(cast.output[0], [])
+    if len(after) != 1 or after[0].op_type != "Mul":
+        return None
+    mul = after[0]
+    other = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+    scales = producer.get(other)
+    if scales is None or scales.op_type != "Mul" or len(consumers.get(other, [])) != 1:
+        return None
+    if not all(name in constants for name in scales.input):
+        return None  # a scale still computed at run time: not our graph
+    add, bias = None, ""
+    after = consumers.get(mul.output[0], [])
+    if len(after) == 1 and after[0].op_type == "Add" and mul.output[0] not in outputs:
+        candidate = after[0]
+        other = candidate.input[1] if candidate.input[0] == mul.output[0] else candidate.input[0]
+        if other in constants and len(constants[other].dims) == 1:
+            add, bias = candidate, other
+    return cast, mul, scales, add, bias
+
+
 def convert_fp16(source: Path, target: Path) -> None:
     """fp16 weights and compute for GPUs, fp32 inputs and outputs kept for callers."""
     import onnx
@@ -138,9 +374,16 @@ def save_tokenizer(tokenizer: Any, directory: Path) -> None:
 
 
 def write_graphs(
-    model: SentenceClassifier, directory: Path, options: ExportOptions
+    model: SentenceClassifier,
+    directory: Path,
+    options: ExportOptions,
+    calibration: Sequence[CalibrationBatch] | None = None,
 ) -> tuple[dict[str, str], str]:
-    """Write every requested variant; returns (variant -> file, optimisation description)."""
+    """Write every requested variant; returns (variant -> file, optimisation description).
+
+    `calibration`: tokenized training text (`calibration_batches`) for the static int8 scales;
+    without it the int8 variant is block-wise.
+    """
     config = model.config
     architecture = str(config.model_type)
     variants = {"fp32": VARIANT_FILES["fp32"]}
@@ -155,12 +398,31 @@ def write_graphs(
             shutil.copyfile(raw, fp32)
             optimization = "none"
     if options.int8:
-        quantize_int8(fp32, directory / VARIANT_FILES["int8"], options.int8_block_size)
+        method = options.int8_method if calibration else "blockwise"
+        int8 = directory / VARIANT_FILES["int8"]
+        optimization += "; int8: " + write_int8(fp32, int8, method, options, calibration or [])
         variants["int8"] = VARIANT_FILES["int8"]
     if options.fp16:
         convert_fp16(fp32, directory / VARIANT_FILES["fp16"])
         variants["fp16"] = VARIANT_FILES["fp16"]
     return variants, optimization
+
+
+def write_int8(
+    fp32: Path,
+    target: Path,
+    method: Int8Method,
+    options: ExportOptions,
+    calibration: Sequence[CalibrationBatch],
+) -> str:
+    """Write the int8 graph by `method`; returns the manifest's description of it."""
+    if method == "blockwise":
+        quantize_int8(fp32, target, options.int8_block_size)
+        return f"blockwise (MatMulNBits 8-bit, block {options.int8_block_size})"
+    counts = quantize_int8_static(fp32, target, calibration)
+    texts = sum(len(ids) for ids, _ in calibration)
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    return f"static (activation scales from {texts} training texts; {ops})"
 
 
 def label_flips(a: np.ndarray, b: np.ndarray) -> int:

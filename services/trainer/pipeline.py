@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loopline.errors import InvalidInput, NotFound
 from loopline.package import Manifest, Parity, write_manifest
-from loopline.registry import PACKAGE_ARTIFACT_PATH, Registry
+from loopline.registry import CHECKPOINT_ARTIFACT_PATH, PACKAGE_ARTIFACT_PATH, Registry
 from loopline.runtime import PackageRunner, softmax
 from services.trainer import data as datalib
 from services.trainer import export as exportlib
@@ -36,7 +36,13 @@ from services.trainer.finetune import (
     seed_everything,
     select_device,
 )
-from services.trainer.modeling import SentenceClassifier, build_classifier, save_checkpoint
+from services.trainer.modeling import (
+    HEAD_FILE,
+    LABELS_FILE,
+    SentenceClassifier,
+    build_classifier,
+    save_checkpoint,
+)
 from services.trainer.presets import preset_for, resolve_base_model
 from services.trainer.reference import build_reference
 from services.trainer.search import run_search
@@ -84,6 +90,9 @@ class JobResult:
     run_id: str | None = None
     version: str | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)
+    # The validation set the job scored on: a promotion gate compares versions on exactly it.
+    validation_texts: list[str] = field(default_factory=list)
+    validation_labels: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -175,9 +184,11 @@ def _train_once(
     run: RunLog,
     show_progress: bool,
     should_stop: Callable[[EpochRecord], bool] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[SentenceClassifier, TrainResult]:
     seed_everything(config.seed)  # the head's initial weights come from the seed too
     model = build_classifier(prep.source, len(prep.data.labels), config.dropout)
+    _continue_head(model, Path(prep.source), prep.data.labels)
     pad_id = int(prep.tokenizer.pad_token_id or 0)
     device = select_device(config.device)
     labels = prep.data.labels
@@ -193,6 +204,18 @@ def _train_once(
             train_loss=r.train_loss, examples_per_second=r.examples_per_second, epoch=r.epoch
         )
         run.metrics(values, step=r.step)
+        if progress is not None:
+            progress(
+                "epoch",
+                {
+                    "epoch": r.epoch,
+                    "epochs": config.epochs,
+                    "step": r.step,
+                    "loss": r.train_loss,
+                    "examples_per_second": r.examples_per_second,
+                    "metrics": dict(r.metrics),
+                },
+            )
 
     trainer = Trainer(
         model,
@@ -206,6 +229,20 @@ def _train_once(
     return model, trainer.fit(prep.train, prep.train_y)
 
 
+def _continue_head(model: SentenceClassifier, source: Path, labels: list[str]) -> None:
+    """Starting from a Loopline checkpoint with the same labels, keep its trained head too:
+    continuing from a served version means continuing all of it, not only the encoder."""
+    head, known = source / HEAD_FILE, source / LABELS_FILE
+    if not (head.is_file() and known.is_file()):
+        return
+    if json.loads(known.read_text()) != list(labels):
+        log.info("checkpoint labels differ from the data's: the head starts fresh")
+        return
+    from safetensors.torch import load_file
+
+    model.head.load_state_dict(load_file(str(head)))
+
+
 def _search(
     prep: _Prepared,
     request: TrainRequest,
@@ -217,7 +254,9 @@ def _search(
         ctx.progress("trial", {"trial": number, **config.model_dump(include=_SEARCHED)})
         with _run(ctx.registry, ctx.experiment_id, f"trial-{number}", ctx.parent) as run:
             run.params(config.model_dump())
-            model, result = _train_once(prep, config, run, ctx.show_progress, should_stop)
+            model, result = _train_once(
+                prep, config, run, ctx.show_progress, should_stop, ctx.progress
+            )
             run.metrics({f"best_{config.metric}": result.best_metric})
             run.tags({"pruned": str(result.pruned), "stopped_early": str(result.stopped_early)})
         ctx.progress("trial done", {"trial": number, "score": result.best_metric})
@@ -253,10 +292,12 @@ def _parity(
     package: Path,
     variants: dict[str, str],
     options: exportlib.ExportOptions,
+    fallback: Callable[[], None] | None = None,
 ) -> Parity:
     """Measure the exported graphs against PyTorch on the validation texts; refuse on failure.
 
-    `logits32` are the ONNX fp32 graph's logits for the validation texts, in order.
+    `logits32` are the ONNX fp32 graph's logits for the validation texts, in order. `fallback`
+    rewrites the int8 graph block-wise when the one written first fails its gates.
     """
     texts = prep.data.validation.texts
     torch_logits, _ = predict(
@@ -278,7 +319,16 @@ def _parity(
             **parity.model_dump(),
         )
     if "int8" in variants:
-        _int8_parity(package, texts, prep.val_y, parity, options)
+        _int8_parity(package, texts, prep.val_y, parity)
+        if not _int8_passes(parity, options) and fallback is not None:
+            # A static graph that loses accuracy or depends on its batch: block-wise instead.
+            log.warning(
+                "static int8 failed its gates; exporting block-wise int8 instead",
+                extra={"int8_parity": parity.model_dump()},
+            )
+            fallback()
+            _int8_parity(package, texts, prep.val_y, parity)
+        _refuse_int8_accuracy(parity, options)
     if "fp16" in variants:
         # Recorded, not gated: fp16 is for GPUs, where the worker checks it at load.
         logits16, _ = PackageRunner(package, "fp16").outputs(texts)
@@ -287,13 +337,8 @@ def _parity(
     return parity
 
 
-def _int8_parity(
-    package: Path,
-    texts: list[str],
-    truth: np.ndarray,
-    parity: Parity,
-    options: exportlib.ExportOptions,
-) -> None:
+def _int8_parity(package: Path, texts: list[str], truth: np.ndarray, parity: Parity) -> None:
+    """Fill the int8 figures: accuracy, batched (32) vs one-at-a-time differences and flips."""
     int8 = PackageRunner(package, "int8")
     batched, _ = int8.predict(texts, batch_size=32)
     alone = [int8.predict([t], batch_size=1)[0] for t in texts]
@@ -302,6 +347,34 @@ def _int8_parity(
     parity.int8_accuracy_drop_points = round(100 * (parity.fp32_accuracy - parity.int8_accuracy), 3)
     diff, flips = exportlib.batch_independence(batched, alone)
     parity.int8_max_batch_prob_diff, parity.int8_batch_label_flips = diff, flips
+
+
+# A text's int8 probabilities may move this much between batched and alone (the issue's bar).
+INT8_MAX_BATCH_PROB_DIFF = 0.01
+
+
+def _int8_batch_independent(parity: Parity) -> bool:
+    """No label flips and small probability differences between batched and alone."""
+    return (
+        parity.int8_batch_label_flips == 0
+        and parity.int8_max_batch_prob_diff is not None
+        and parity.int8_max_batch_prob_diff < INT8_MAX_BATCH_PROB_DIFF
+    )
+
+
+def _int8_passes(parity: Parity, options: exportlib.ExportOptions) -> bool:
+    """Batch independent and within the accuracy allowance."""
+    drop = parity.int8_accuracy_drop_points
+    return (
+        _int8_batch_independent(parity)
+        and drop is not None
+        and drop <= options.max_int8_accuracy_drop_points
+    )
+
+
+def _refuse_int8_accuracy(parity: Parity, options: exportlib.ExportOptions) -> None:
+    assert parity.int8_accuracy is not None
+    assert parity.int8_accuracy_drop_points is not None
     if parity.int8_accuracy_drop_points > options.max_int8_accuracy_drop_points:
         raise exportlib.ExportRefused(
             f"int8 accuracy {parity.int8_accuracy:.4f} is {parity.int8_accuracy_drop_points:.2f} "
@@ -325,14 +398,17 @@ def build_package(
         fp16=request.fp16,
         max_int8_accuracy_drop_points=request.int8_max_drop_points,
     )
-    variants, optimization = exportlib.write_graphs(model, directory, options)
+    pad_id = int(prep.tokenizer.pad_token_id or 0)
+    # Static int8 activation scales are calibrated on training text, never on validation text.
+    calibration = exportlib.calibration_batches(prep.train.ids, pad_id) if request.int8 else None
+    variants, optimization = exportlib.write_graphs(model, directory, options, calibration)
     exportlib.save_tokenizer(prep.tokenizer, directory)
     config = model.config
     manifest = Manifest(
         name=request.name,
         labels=prep.data.labels,
         max_length=request.train.max_length,
-        pad_token_id=int(prep.tokenizer.pad_token_id or 0),
+        pad_token_id=pad_id,
         unk_token_id=prep.tokenizer.unk_token_id,
         embedding_dim=int(config.hidden_size),
         architecture=str(config.model_type),
@@ -349,8 +425,16 @@ def build_package(
     runner = PackageRunner(directory, "fp32")
     texts = prep.data.validation.texts
     logits32, embeddings = runner.outputs(texts)
-    manifest.parity = _parity(logits32, model, prep, directory, variants, options)
-    if "int8" in variants and manifest.parity.int8_batch_label_flips == 0:
+
+    def blockwise() -> None:
+        fp32, int8 = directory / variants["fp32"], directory / variants["int8"]
+        described = exportlib.write_int8(fp32, int8, "blockwise", options, [])
+        manifest.optimization = manifest.optimization.split("; int8: ")[0] + "; int8: " + described
+
+    static = "int8" in variants and "int8: static" in optimization
+    fallback = blockwise if static else None
+    manifest.parity = _parity(logits32, model, prep, directory, variants, options, fallback)
+    if "int8" in variants and _int8_batch_independent(manifest.parity):
         manifest.default_cpu_variant = "int8"
     tokens = runner.tokenizer.tokenize(texts)
     reference = build_reference(
@@ -412,7 +496,7 @@ def run_job(
             )
         else:
             progress("training", {"base_model": prep.base_name})
-            model, result = _train_once(prep, request.train, run, show_progress)
+            model, result = _train_once(prep, request.train, run, show_progress, None, progress)
         progress("evaluating", {"best_metric": result.best_metric})
         evaluation = _evaluate(model, prep, request.train, output, run)
         progress("exporting", {"output": str(output / "package")})
@@ -433,6 +517,8 @@ def run_job(
         run_id=run.run_id or None,
         version=version,
         trials=trials,
+        validation_texts=prep.data.validation.texts,
+        validation_labels=prep.data.validation.labels,
     )
 
 
@@ -487,6 +573,8 @@ def _register(
 ) -> str:
     package = output / "package"
     run.artifacts(package, PACKAGE_ARTIFACT_PATH)
+    # The trained weights, so a later job can continue from this version (models:/NAME@ALIAS).
+    run.artifacts(output / "checkpoint", CHECKPOINT_ARTIFACT_PATH)
     tags = {
         "loopline.data_fingerprint": prep.data.fingerprint,
         "loopline.base_model": prep.base_name,

@@ -1,0 +1,85 @@
+"""Trainer service wiring: `python -m services.trainer` or `loopline serve trainer`.
+
+The service queues and runs training jobs (one per device, each in its own process) and keeps
+them in a SQLite file under LOOPLINE_TRAINER_HOME, so a restart loses nothing: queued jobs run,
+a job that was running is marked interrupted with its last progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import grpc
+
+from loopline.auth import TokenAuth
+from loopline.grpc_server import GrpcServer
+from loopline.logging import configure_logging, get_logger
+from loopline.settings import SettingsError, load_settings
+from loopline.v1 import trainer_pb2_grpc as pb_grpc
+from services.trainer.jobs import JobStore
+from services.trainer.runner import JobRunner
+from services.trainer.servicer import ADMIN_METHODS, TrainerServicer, service_name
+from services.trainer.settings import TrainerSettings
+
+log = get_logger(__name__)
+
+TRAINING_FUNCTION = "services.trainer.execute:run_spec"
+
+
+class TrainerService:
+    """The job store, the runner and the gRPC server of one trainer process."""
+
+    def __init__(self, settings: TrainerSettings, target: str = TRAINING_FUNCTION) -> None:
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(settings.home / "jobs.db")
+        self.runner = JobRunner(
+            self.store,
+            target,
+            slots=settings.slots,
+            stop_grace=settings.cancel_grace_seconds,
+            log_level=settings.log_level,
+            log_json=settings.log_json,
+        )
+        self.server = GrpcServer(
+            settings,
+            self.register,
+            name="trainer",
+            interceptors=[TokenAuth(settings.admin_token, admin_methods=ADMIN_METHODS)],
+            on_shutdown=[self.close],
+        )
+
+    def register(self, server: grpc.aio.Server) -> list[str]:
+        pb_grpc.add_TrainerServicer_to_server(TrainerServicer(self.store, self.runner), server)
+        return [service_name()]
+
+    async def start(self) -> int:
+        interrupted = await self.runner.start()
+        for job in interrupted:
+            log.warning("job interrupted by a restart", extra={"job_id": job.id})
+        return await self.server.start()
+
+    async def close(self) -> None:
+        await self.runner.stop()
+        self.store.close()
+
+    async def run(self) -> None:
+        await self.start()
+        await self.server.run_until_signal()
+
+
+def main(**overrides: Any) -> None:
+    """Run a trainer until SIGTERM; bad settings exit 2."""
+    try:
+        settings = load_settings(TrainerSettings, **overrides)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, json=settings.log_json)
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: TrainerSettings) -> None:
+    await TrainerService(settings).run()
