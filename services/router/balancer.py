@@ -8,8 +8,9 @@
   Envoy's and Finagle's least-request balancers do). It avoids both the herd that "globally least
   busy" causes across several routers and the blindness of round robin.
 - The caller's deadline becomes the gRPC timeout. UNAVAILABLE and RESOURCE_EXHAUSTED (the worker
-  is gone, or full) are retried once on another endpoint while time remains; every other status is
-  the caller's answer, mapped onto `loopline.errors` with the worker's message.
+  is gone, or full) and NOT_FOUND (the worker dropped the version since its last heartbeat) are
+  retried once on another endpoint while time remains; every other status is the caller's
+  answer, mapped onto `loopline.errors` with the worker's message.
 - `eject_after` consecutive transport failures (UNAVAILABLE that the worker did not itself send)
   take an endpoint out of rotation; it is probed with ServerReady every `probe_interval` and
   readmitted on the first success. A worker killed under load thus costs retries, not failures.
@@ -78,7 +79,12 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 64 * 2**20),
     ("grpc.max_send_message_length", 64 * 2**20),
 )
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# NOT_FOUND too: discovery lags a worker by up to a heartbeat, so a worker that just unloaded a
+# version (an alias moved on) may still be listed for it; another worker may well serve it. When
+# every worker tried says NOT_FOUND, that is the caller's answer.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+)
 _METADATA_TIMEOUT_S = 5.0
 
 # The exception class each kind is raised as, so callers can `except NotFound` on forwarded errors.
@@ -364,6 +370,8 @@ class Balancer:
                 return DeadlineExceeded(f"{ref}: the deadline passed before a worker was tried")
             return self._no_worker(ref)
         last = tried[-1]
+        if all(_code(f) == grpc.StatusCode.NOT_FOUND for f in tried) and last.error is not None:
+            return upstream_error(last.error, last.address)
         kind = ErrorKind.OVERLOADED if _is_overloaded(last) else ErrorKind.NOT_READY
         where = ", ".join(f"{f.address} ({f.message})" for f in tried)
         hint = (
@@ -628,6 +636,10 @@ def _is_transport_failure(err: grpc.aio.AioRpcError) -> bool:
         return False
     trailers = err.trailing_metadata() or ()
     return not any(key == KIND_METADATA_KEY for key, _ in trailers)
+
+
+def _code(failure: _RetryableError) -> grpc.StatusCode | None:
+    return failure.error.code() if failure.error is not None else None
 
 
 def _is_overloaded(failure: _RetryableError) -> bool:

@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import pytest
 
-from loopline.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotReady
+from loopline.errors import DeadlineExceeded, FailedPrecondition, InvalidInput, NotFound, NotReady
 from loopline.oip import grpc_service_pb2 as pb
 from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 from loopline.package import read_manifest, write_manifest
@@ -155,7 +155,10 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+@pytest.mark.parametrize(
+    "code",
+    [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND],
+)
 def test_a_failed_attempt_is_retried_once_on_another_worker(code: grpc.StatusCode) -> None:
     script = Script(failures=[code])
     events: list[tuple[str, str]] = []
@@ -168,6 +171,19 @@ def test_a_failed_attempt_is_retried_once_on_another_worker(code: grpc.StatusCod
             assert answer.columns == ("neg", "pos")
             assert [f.calls for f in fakes.values()] == [1, 1]  # one failure, one answer
             assert events == [("retry", answer.endpoint)]
+
+    run(main)
+
+
+def test_not_found_from_every_worker_is_the_callers_answer() -> None:
+    script = Script(failures=[grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND])
+
+    async def main() -> None:
+        servicers = [FakeOip(script, "one"), FakeOip(script, "two")]
+        async with fake_servers(servicers) as fakes, static_balancer(list(fakes)) as lb:
+            with pytest.raises(NotFound):
+                await lb.infer(FAKE, ["hello"])
+            assert sum(f.calls for f in fakes.values()) == 2
 
     run(main)
 
