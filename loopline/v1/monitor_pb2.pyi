@@ -130,6 +130,30 @@ SEVERITY_CRITICAL: Severity.ValueType  # 3
 """Needs attention now."""
 Global___Severity: _TypeAlias = Severity  # noqa: Y015
 
+class _AlertState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_STATE_UNSPECIFIED: _AlertState.ValueType  # 0
+    """Not set. In filters: any state."""
+    ALERT_STATE_FIRING: _AlertState.ValueType  # 1
+    """The condition holds."""
+    ALERT_STATE_RESOLVED: _AlertState.ValueType  # 2
+    """The condition held and no longer does (`resolve_time` says since when)."""
+
+class AlertState(_AlertState, metaclass=_AlertStateEnumTypeWrapper):
+    """Whether the condition behind an alert still holds."""
+
+ALERT_STATE_UNSPECIFIED: AlertState.ValueType  # 0
+"""Not set. In filters: any state."""
+ALERT_STATE_FIRING: AlertState.ValueType  # 1
+"""The condition holds."""
+ALERT_STATE_RESOLVED: AlertState.ValueType  # 2
+"""The condition held and no longer does (`resolve_time` says since when)."""
+Global___AlertState: _TypeAlias = AlertState  # noqa: Y015
+
 @_typing.final
 class ConfidenceInterval(_message.Message):
     """A two-sided confidence interval."""
@@ -332,6 +356,12 @@ class GetStatsRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    """Only traffic of this experiment (id); empty: all traffic of the model."""
+    variant: _builtins.str
+    """With `experiment_id`: only this variant (or shadow)."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef:
         """Model name (required); a version or alias restricts to that version, otherwise all versions
@@ -347,14 +377,50 @@ class GetStatsRequest(_message.Message):
         *,
         model: _common_pb2.ModelRef | None = ...,
         window: _common_pb2.TimeWindow | None = ...,
+        experiment_id: _builtins.str = ...,
+        variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "model", b"model", "variant", b"variant", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class TokenStats(_message.Message):
+    """Distribution of tokens per text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    UNKNOWN_SHARE_FIELD_NUMBER: _builtins.int
+    mean: _builtins.float
+    """Mean tokens per text (after truncation)."""
+    p50: _builtins.float
+    """Median."""
+    p95: _builtins.float
+    """95th percentile."""
+    unknown_share: _builtins.float
+    """Mean share of unknown tokens per text, in [0, 1]: vocabulary drift shows here first."""
+    def __init__(
+        self,
+        *,
+        mean: _builtins.float = ...,
+        p50: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        unknown_share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "p50", b"p50", "p95", b"p95", "unknown_share", b"unknown_share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenStats: _TypeAlias = TokenStats  # noqa: Y015
 
 @_typing.final
 class GetStatsResponse(_message.Message):
@@ -371,12 +437,16 @@ class GetStatsResponse(_message.Message):
     LATENCY_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    REQUEST_RATE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
     """Requests received."""
     errors: _builtins.int
     """Requests that failed."""
     truncated: _builtins.int
     """Requests whose text was truncated to the model's maximum length."""
+    request_rate: _builtins.float
+    """Requests per second over the window."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef:
         """The model, with the alias resolved to its version where one was given."""
@@ -401,6 +471,10 @@ class GetStatsResponse(_message.Message):
     def accuracy(self) -> Global___LiveAccuracy:
         """Live accuracy from feedback."""
 
+    @_builtins.property
+    def tokens(self) -> Global___TokenStats:
+        """Tokens per text."""
+
     def __init__(
         self,
         *,
@@ -413,10 +487,12 @@ class GetStatsResponse(_message.Message):
         latency: Global___LatencyStats | None = ...,
         accuracy: Global___LiveAccuracy | None = ...,
         truncated: _builtins.int = ...,
+        tokens: Global___TokenStats | None = ...,
+        request_rate: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confidence", b"confidence", "latency", b"latency", "model", b"model", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confidence", b"confidence", "latency", b"latency", "model", b"model", "tokens", b"tokens", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confidence", b"confidence", "errors", b"errors", "labels", b"labels", "latency", b"latency", "model", b"model", "requests", b"requests", "truncated", b"truncated", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "confidence", b"confidence", "errors", b"errors", "labels", b"labels", "latency", b"latency", "model", b"model", "request_rate", b"request_rate", "requests", b"requests", "tokens", b"tokens", "truncated", b"truncated", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -793,6 +869,9 @@ class Alert(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RESOLVE_TIME_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id, increasing with time (usable as WatchAlertsRequest.after_id)."""
     kind: Global___AlertKind.ValueType
@@ -801,6 +880,10 @@ class Alert(_message.Message):
     """Severity."""
     message: _builtins.str
     """One line for a person."""
+    state: Global___AlertState.ValueType
+    """Firing or resolved."""
+    rule: _builtins.str
+    """Name of the rule that raised it, e.g. "drift", "accuracy_floor", "latency_slo", "srm"."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef:
         """Model version concerned."""
@@ -815,6 +898,10 @@ class Alert(_message.Message):
         "threshold": "0.2", "experiment_id": "...", "job_id": "...".
         """
 
+    @_builtins.property
+    def resolve_time(self) -> _timestamp_pb2.Timestamp:
+        """When the condition stopped holding; unset while firing."""
+
     def __init__(
         self,
         *,
@@ -825,10 +912,13 @@ class Alert(_message.Message):
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        state: Global___AlertState.ValueType = ...,
+        resolve_time: _timestamp_pb2.Timestamp | None = ...,
+        rule: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "resolve_time", b"resolve_time", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "severity", b"severity", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "id", b"id", "kind", b"kind", "message", b"message", "model", b"model", "resolve_time", b"resolve_time", "rule", b"rule", "severity", b"severity", "state", b"state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
