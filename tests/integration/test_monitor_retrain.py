@@ -1,0 +1,75 @@
+"""Retraining triggers in a real Redis: the derived spec, the cooldown, dry runs, the history."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from loopline.redis import connect
+from services.monitor.retrain import Retrainer, derive_spec
+from services.trainer.spec import parse_spec
+
+BASE: dict[str, Any] = {
+    "name": "placeholder",
+    "data": [{"file": "train.jsonl"}, {"feedback": {"mix_ratio": 0.3}}],
+    "validation": "validation.jsonl",
+    "promotion": "gate",
+    "gate": {"metric": "accuracy"},
+}
+
+
+def test_the_derived_spec_is_a_valid_challenger_job_on_recent_feedback() -> None:
+    spec = derive_spec(BASE, "sentiment", since=1_700_000_000.0)
+    parsed = parse_spec(spec)  # what the trainer will accept
+    assert (parsed.name, parsed.alias, parsed.base_model) == (
+        "sentiment",
+        "challenger",
+        "models:/sentiment@champion",
+    )
+    feedback = parsed.data[1].feedback
+    assert feedback is not None
+    assert feedback.since is not None
+    assert feedback.since.timestamp() == 1_700_000_000.0
+    assert BASE["data"][1]["feedback"] == {"mix_ratio": 0.3}  # the base is not modified
+
+
+def test_a_flapping_alert_submits_once_within_the_cooldown(redis_url: str) -> None:
+    submitted: list[tuple[str, str]] = []
+
+    async def submit(spec: dict[str, Any], key: str) -> str:
+        submitted.append((spec["name"], key))
+        return f"job-{len(submitted)}"
+
+    async def scenario() -> None:
+        client = connect(redis_url)
+        retrainer = Retrainer(client, submit, BASE, cooldown_seconds=3600)
+        first = await retrainer.trigger("sentiment", "drift", alert_id="1-0")
+        again = await retrainer.trigger("sentiment", "drift", alert_id="2-0")
+        dry = await retrainer.trigger("sentiment", "manual", dry_run=True)
+        forced = await retrainer.trigger("sentiment", "manual", force=True)
+        other = await retrainer.trigger("toxicity", "drift", alert_id="3-0")
+        assert (first.submitted, first.job_id) == (True, "job-1")
+        assert not again.submitted
+        assert "cooldown" in again.why_not
+        assert (dry.submitted, dry.why_not) == (False, "dry run")
+        assert dry.spec["alias"] == "challenger"
+        assert forced.submitted
+        assert other.submitted
+        assert submitted[0] == ("sentiment", "monitor-sentiment-1-0")
+        history = await retrainer.history()
+        assert [t.submitted for t in history] == [True, True, False, False, True]
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_without_a_spec_or_trainer_nothing_is_submitted(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = connect(redis_url)
+        none = await Retrainer(client, None, None, 0).trigger("m", "drift")
+        assert (none.submitted, none.why_not) == (False, "no retraining spec configured")
+        no_trainer = await Retrainer(client, None, BASE, 0).trigger("m", "drift")
+        assert no_trainer.why_not == "no trainer configured"
+        await client.aclose()
+
+    asyncio.run(scenario())
