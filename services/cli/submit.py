@@ -30,8 +30,7 @@ EXIT_BY_STATUS = {
 def _spec_message(path: Path) -> Any:
     import yaml
 
-    from services.trainer.convert import spec_pb
-    from services.trainer.spec import parse_spec
+    from loopline.jobspec import parse_spec, spec_pb
 
     try:
         data = yaml.safe_load(path.read_text())

@@ -1,107 +1,18 @@
-"""`loopline.v1` trainer protobuf <-> the job spec and jobs. Only the servicer and this module
-import generated code."""
+"""`loopline.v1` trainer protobuf <-> jobs and events (the spec's conversion is shared, in
+`loopline.jobspec`). Only the servicer and this module import generated code."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loopline.jobspec import job_spec, parse_spec, spec_pb
 from loopline.v1 import trainer_pb2 as pb
 from services.trainer.jobs import EventKind, Job, JobEvent
-from services.trainer.spec import DataSource, JobSpec, parse_spec
 
-POLICY_FROM_PB = {
-    pb.PROMOTION_POLICY_UNSPECIFIED: "",
-    pb.PROMOTION_POLICY_NONE: "none",
-    pb.PROMOTION_POLICY_GATE: "gate",
-    pb.PROMOTION_POLICY_ALWAYS: "always",
-}
-POLICY_TO_PB = {value: key for key, value in POLICY_FROM_PB.items()}
-
-
-def _time(stamp: Timestamp, present: bool) -> str | None:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat() if present else None
-
-
-def _source(message: pb.DataSource) -> dict[str, Any]:
-    kind = message.WhichOneof("source")
-    if kind == "file":
-        return {"file": {"path": message.file.path, "format": message.file.format}}
-    if kind == "feedback":
-        f = message.feedback
-        return {
-            "feedback": {
-                "since": _time(f.since, f.HasField("since")),
-                "until": _time(f.until, f.HasField("until")),
-                "model": f.model,
-                "sources": list(f.sources),
-                "max_examples": f.max_examples,
-                "mix_ratio": f.mix_ratio,
-                "min_examples": f.min_examples,
-            }
-        }
-    return {}  # validation names the empty source
-
-
-def _hyperparameters(message: pb.Hyperparameters) -> dict[str, Any]:
-    out: dict[str, Any] = {"extra": dict(message.extra)}
-    if message.HasField("learning_rate"):
-        out["learning_rate"] = message.learning_rate
-    if message.HasField("batch_size"):
-        out["batch_size"] = message.batch_size
-    if message.HasField("weight_decay"):
-        out["weight_decay"] = message.weight_decay
-    if message.HasField("warmup_ratio"):
-        out["warmup_ratio"] = message.warmup_ratio
-    return out
-
-
-def _gate(message: pb.PromotionGate) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "metric": message.metric or "accuracy",
-        "min_value": message.min_value,
-        "min_improvement": message.min_improvement,
-        "compare_alias": message.compare_alias or "champion",
-    }
-    if message.max_export_error:
-        out["max_export_error"] = message.max_export_error
-    if message.max_latency_factor:
-        out["max_latency_factor"] = message.max_latency_factor
-    return out
-
-
-def spec_dict(message: pb.JobSpec) -> dict[str, Any]:
-    """The proto spec as the dict `parse_spec` validates (unset fields left to defaults)."""
-    data: dict[str, Any] = {
-        "name": message.name,
-        "alias": message.alias,
-        "data": [_source(s) for s in message.data],
-        "text_column": message.text_column or "text",
-        "label_column": message.label_column or "label",
-        "base_model": message.base_model,
-        "epochs": message.epochs,
-        "trials": message.trials,
-        "max_length": message.max_length,
-        "seed": message.seed or 42,
-        "hyperparameters": _hyperparameters(message.hyperparameters),
-        "promotion": POLICY_FROM_PB.get(message.promotion, ""),
-        "tags": dict(message.tags),
-    }
-    which = message.WhichOneof("validation")
-    if which == "validation_data":
-        data["validation"] = _source(message.validation_data)
-    elif which == "validation_fraction":
-        data["validation_fraction"] = message.validation_fraction
-    if message.HasField("gate"):
-        data["gate"] = _gate(message.gate)
-    return data
-
-
-def job_spec(message: pb.JobSpec) -> JobSpec:
-    """Validate a submitted spec; InvalidInput names each bad field."""
-    return parse_spec(spec_dict(message))
+__all__ = ["event_pb", "job_pb", "job_spec", "progress_pb", "spec_pb"]
 
 
 def _stamp(value: datetime | None) -> Timestamp | None:
@@ -110,69 +21,6 @@ def _stamp(value: datetime | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
-
-
-def _source_pb(source: DataSource) -> pb.DataSource:
-    if source.file is not None:
-        return pb.DataSource(
-            file=pb.FileSource(path=str(source.file.path), format=source.file.format)
-        )
-    f = source.feedback
-    assert f is not None  # DataSource validates exactly one kind
-    return pb.DataSource(
-        feedback=pb.FeedbackSource(
-            since=_stamp(f.since),
-            until=_stamp(f.until),
-            model=f.model,
-            sources=f.sources,
-            max_examples=f.max_examples,
-            mix_ratio=f.mix_ratio,
-            min_examples=f.min_examples,
-        )
-    )
-
-
-def spec_pb(spec: JobSpec) -> pb.JobSpec:
-    """A validated spec back as protobuf (what GetJob shows, defaults filled in)."""
-    h = spec.hyperparameters
-    message = pb.JobSpec(
-        name=spec.name,
-        alias=spec.alias,
-        data=[_source_pb(s) for s in spec.data],
-        text_column=spec.text_column,
-        label_column=spec.label_column,
-        base_model=spec.base_model,
-        epochs=spec.epochs,
-        trials=spec.trials,
-        max_length=spec.max_length,
-        seed=spec.seed,
-        hyperparameters=pb.Hyperparameters(
-            learning_rate=h.learning_rate,
-            batch_size=h.batch_size,
-            weight_decay=h.weight_decay,
-            warmup_ratio=h.warmup_ratio,
-            extra=h.extra,
-        ),
-        promotion=POLICY_TO_PB[spec.policy],
-        tags=spec.tags,
-    )
-    if spec.validation is not None:
-        message.validation_data.CopyFrom(_source_pb(spec.validation))
-    elif spec.validation_fraction is not None:
-        message.validation_fraction = spec.validation_fraction
-    if spec.gate is not None:
-        g = spec.gate
-        message.gate.CopyFrom(
-            pb.PromotionGate(
-                metric=g.metric,
-                min_value=g.min_value,
-                min_improvement=g.min_improvement,
-                compare_alias=g.compare_alias,
-                max_export_error=g.max_export_error,
-                max_latency_factor=g.max_latency_factor,
-            )
-        )
-    return message
 
 
 # ----- jobs -----

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from loopline.errors import FailedPrecondition, InvalidInput
+from loopline.jobspec import DataSource, JobSpec
 from loopline.logging import get_logger
-from services.trainer.spec import DataSource, JobSpec
 
 __all__ = ["JobContext", "execute"]
 
@@ -232,10 +232,10 @@ def run_spec(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
     settings come from the environment the service passed down, the job id from the runner."""
     import os
 
+    from loopline.jobspec import parse_spec
     from loopline.settings import load_settings
     from services.trainer.runner import JOB_ID_ENV
     from services.trainer.settings import TrainerSettings
-    from services.trainer.spec import parse_spec
 
     settings = load_settings(TrainerSettings)
     job_id = os.environ.get(JOB_ID_ENV, "adhoc")

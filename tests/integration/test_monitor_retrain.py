@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from loopline.jobspec import parse_spec
 from loopline.redis import connect
 from services.monitor.retrain import Retrainer, derive_spec
-from services.trainer.spec import parse_spec
 
 BASE: dict[str, Any] = {
     "name": "placeholder",

@@ -23,12 +23,11 @@ import redis
 from typer.testing import CliRunner
 
 from loopline.auth import bearer_metadata
+from loopline.jobspec import parse_spec, spec_pb
 from loopline.registry import Registry
 from loopline.v1 import trainer_pb2 as pb
 from loopline.v1 import trainer_pb2_grpc as pb_grpc
 from services.inference.records import InferenceRecord
-from services.trainer.convert import spec_pb
-from services.trainer.spec import parse_spec
 from tests.fixtures.mlflow_store import clone_store
 from tests.fixtures.redis import RedisServer
 

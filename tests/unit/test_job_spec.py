@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from loopline.errors import InvalidInput
+from loopline.jobspec import job_spec, parse_spec, spec_pb
 from loopline.v1 import trainer_pb2 as pb
-from services.trainer.convert import job_spec, spec_pb
-from services.trainer.spec import parse_spec
 
 BASE: dict[str, Any] = {
     "name": "sentiment",
