@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from loopline.logging import configure_logging
-from services.cli import classify, experiments, models, serve, train
+from services.cli import classify, experiments, models, monitor, serve, train
 from services.cli.common import out
 
 app = typer.Typer(
@@ -71,6 +71,7 @@ app.command(name="feedback")(classify.feedback)
 app.add_typer(experiments.app, name="experiments")
 app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")
+app.add_typer(monitor.app, name="monitor")
 
 
 if __name__ == "__main__":

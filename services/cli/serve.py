@@ -100,3 +100,21 @@ def trainer(
     from services.trainer.main import main
 
     main(**_overrides(port=port, host=host, metrics_port=metrics_port, slots=slots))
+
+
+@app.command()
+@reports_errors
+def monitor(
+    port: Annotated[
+        int | None, typer.Option(help="gRPC port. [env: LOOPLINE_MONITOR_PORT]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port; 0 = off.")] = None,
+    trainer: Annotated[
+        str | None, typer.Option(help="Trainer host:port for retraining triggers.")
+    ] = None,
+) -> None:
+    """The monitor: consumes records and feedback, statistics, drift, alerts, triggers."""
+    from services.monitor.main import main
+
+    main(**_overrides(port=port, host=host, metrics_port=metrics_port, trainer_address=trainer))

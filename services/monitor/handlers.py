@@ -1,0 +1,322 @@
+"""What the Monitor RPCs compute, without protobuf: statistics, drift and experiment reports from
+the folded state, and the periodic check that raises alerts and triggers retraining.
+
+Experiments are read from the router's Redis document (`loopline:experiments:all`, one JSON per
+experiment: names, weights, shadows, the baseline first); references (`reference.json` of each
+version's package) from the MLflow registry, cached on disk per version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from loopline.errors import FailedPrecondition, InvalidInput, NotFound
+from loopline.logging import get_logger
+from services.monitor import stats as st
+from services.monitor.alerts import AlertBook, RuleInputs, Rules, evaluate
+from services.monitor.drift import DriftResult, LiveSamples, Reference, check_drift, save_html
+from services.monitor.retrain import Retrainer
+from services.monitor.state import State, Totals
+
+__all__ = ["Checker", "ExperimentInfo", "References", "Report", "Views"]
+
+log = get_logger(__name__)
+
+EXPERIMENTS_KEY = "loopline:experiments:all"
+LOW_CONFIDENCE = 0.6
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    """The parts of a router experiment a report needs."""
+
+    id: str
+    name: str
+    model: str
+    variants: list[tuple[str, float]]  # (name, weight), baseline first
+    shadows: list[str]
+    start_time: float | None
+    raw: dict[str, Any] = field(repr=False)
+
+
+async def read_experiment(client: aioredis.Redis, experiment_id: str) -> ExperimentInfo:
+    raw = await client.hget(EXPERIMENTS_KEY, experiment_id)
+    if raw is None:
+        raise NotFound(
+            "experiment", experiment_id, "list experiments with `loopline experiments list`"
+        )
+    data = json.loads(raw)
+    return ExperimentInfo(
+        id=data["id"],
+        name=data.get("name", ""),
+        model=data.get("model", ""),
+        variants=[(v["name"], float(v["weight"])) for v in data.get("variants", [])],
+        shadows=[s["name"] for s in data.get("shadows", [])],
+        start_time=data.get("start_time"),
+        raw=data,
+    )
+
+
+class References:
+    """`reference.json` of a registered version, fetched once from MLflow and kept on disk."""
+
+    def __init__(self, mlflow_uri: str, cache: Path) -> None:
+        self._uri = mlflow_uri
+        self._cache = cache
+
+    def _fetch(self, model: str, version: str) -> Path:
+        from mlflow import MlflowClient
+        from mlflow.artifacts import download_artifacts
+
+        folder = self._cache / model / version
+        if (folder / "reference.json").is_file():
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
+        uri = client.get_model_version_download_uri(model, version)
+        download_artifacts(artifact_uri=f"{uri}/reference.json", dst_path=str(folder))
+        return folder
+
+    async def load(self, model: str, version: str) -> Reference:
+        try:
+            folder = await asyncio.to_thread(self._fetch, model, version)
+            return await asyncio.to_thread(Reference.load, folder)
+        except (OSError, ValueError) as err:
+            raise FailedPrecondition(
+                f"no reference distribution for {model}/{version} ({err}); was it exported by "
+                "`loopline train`?"
+            ) from None
+        except Exception as err:  # MLflow raises its own types for a missing version
+            raise NotFound("model version", f"{model}/{version}", str(err)[:200]) from None
+
+    async def champion(self, model: str) -> str:
+        from loopline.registry import Registry
+
+        version = await asyncio.to_thread(Registry(self._uri).alias_version, model, "champion")
+        if version is None:
+            raise NotFound("model alias", f"{model}@champion", "give a version")
+        return version
+
+
+@dataclass
+class VariantView:
+    variant: str
+    model: str
+    version: str
+    shadow: bool
+    totals: Totals
+    accuracy: st.Proportion
+
+
+@dataclass
+class Report:
+    experiment: ExperimentInfo
+    variants: list[VariantView]
+    comparisons: list[st.Comparison]
+    decision: st.Decision | None
+    srm: st.SampleRatio | None
+    agreement: dict[str, st.Proportion]
+
+
+def live_samples(samples: Any) -> LiveSamples:
+    sketches = samples.sketch[~np.isnan(samples.sketch).any(axis=1)] if len(samples) else ()
+    return LiveSamples(
+        labels=list(samples.labels),
+        confidence=np.nan_to_num(samples.confidence, nan=0.0),
+        token_counts=np.nan_to_num(samples.token_count, nan=0.0).astype(int),
+        unknown_shares=np.nan_to_num(samples.unknown_share, nan=0.0),
+        sketches=sketches,
+    )
+
+
+class Views:
+    """Statistics, drift and experiment reports over the folded state."""
+
+    def __init__(
+        self, state: State, client: aioredis.Redis, references: References, reports: Path
+    ) -> None:
+        self.state = state
+        self.client = client
+        self.references = references
+        self.reports = reports
+
+    async def stats(
+        self,
+        model: str,
+        version: str | None,
+        start: float | None,
+        end: float | None,
+        experiment: str = "",
+        variant: str = "",
+    ) -> Totals:
+        if not model:
+            raise InvalidInput("a model name is required", field="model.name")
+        if experiment:
+            found = await self.state.variant_totals(experiment, start, end)
+            if variant:
+                if variant not in found:
+                    raise NotFound("variant", f"{experiment}/{variant}", f"known: {sorted(found)}")
+                return found[variant].totals
+            return _sum([v.totals for v in found.values() if not v.shadow])
+        return await self.state.window_totals(model, version or None, start, end)
+
+    async def drift(
+        self,
+        model: str,
+        version: str,
+        start: float | None,
+        end: float | None,
+        features: Sequence[str] | None = None,
+        limit: int = 2000,
+    ) -> tuple[str, DriftResult, Path | None]:
+        version = version or await self.references.champion(model)
+        reference = await self.references.load(model, version)
+        samples = await self.state.drift_samples(model, version, start, end, limit)
+        result = await asyncio.to_thread(
+            check_drift, reference, live_samples(samples), list(features or []) or None
+        )
+        path = None
+        if result.evidence is not None:
+            path = self.reports / f"{model}-{version}-{int(time.time())}.html"
+            try:
+                await asyncio.to_thread(save_html, result, path)
+            except Exception:  # a report that cannot be drawn must not fail the check
+                log.warning("drift report not saved", exc_info=True)
+                path = None
+        return version, result, path
+
+    async def experiment_report(
+        self, experiment_id: str, start: float | None, end: float | None, level: float
+    ) -> Report:
+        info = await read_experiment(self.client, experiment_id)
+        found = await self.state.variant_totals(experiment_id, start, end)
+        views = []
+        for name, _weight in info.variants:
+            views.append(_view(name, found.get(name), False, level))
+        for name in info.shadows:
+            views.append(_view(name, found.get(f"{name}:shadow") or found.get(name), True, level))
+        arms = [
+            st.Arm(v.variant, v.totals.correct, v.totals.labelled) for v in views if not v.shadow
+        ]
+        decision = st.recommend(arms[0], arms[1:], level) if len(arms) > 1 else None
+        observed = {v.variant: v.totals.requests for v in views if not v.shadow}
+        weights = dict(info.variants)
+        srm = st.sample_ratio_mismatch(observed, weights) if sum(observed.values()) else None
+        agreement = {
+            v.variant: st.agreement_rate(v.totals.shadow_agreed, v.totals.shadow_compared, level)
+            for v in views
+            if v.shadow
+        }
+        comparisons = decision.comparisons if decision else []
+        return Report(info, views, comparisons, decision, srm, agreement)
+
+
+def _view(name: str, found: Any, shadow: bool, level: float) -> VariantView:
+    totals = found.totals if found is not None else Totals()
+    model = found.model if found is not None else ""
+    version = found.version if found is not None else ""
+    accuracy = st.proportion(totals.correct, totals.labelled, level)
+    return VariantView(name, model, version, shadow, totals, accuracy)
+
+
+def _sum(items: list[Totals]) -> Totals:
+    total = Totals()
+    for item in items:
+        total = total.merge(item)
+    return total
+
+
+class Checker:
+    """Every `interval`: drift and rules per served version, alerts, retraining triggers."""
+
+    def __init__(
+        self,
+        views: Views,
+        book: AlertBook,
+        rules: Rules,
+        retrainer: Retrainer,
+        interval: float,
+        window_seconds: int,
+        drift_records: int,
+    ) -> None:
+        self.views = views
+        self.book = book
+        self.rules = rules
+        self.retrainer = retrainer
+        self.interval = interval
+        self.window = window_seconds
+        self.drift_records = drift_records
+        self._streak: dict[tuple[str, str], int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="monitor-checker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check_once()
+            except Exception:  # one bad check must not end the loop
+                log.exception("monitor check failed")
+
+    async def check_once(self, now: float | None = None) -> list[Any]:
+        """One pass over every model version seen; returns the alerts written."""
+        now = time.time() if now is None else now
+        written = []
+        for model, versions in (await self.views.state.models()).items():
+            for version in versions:
+                inputs = await self._inputs(model, version, now)
+                alerts = await self.book.apply(evaluate(self.rules, inputs), now)
+                written += alerts
+                for alert in alerts:
+                    if alert.state == "firing" and alert.rule in ("drift", "accuracy_floor"):
+                        await self.retrainer.trigger(
+                            model, alert.message, alert_id=alert.id, since=None
+                        )
+        return written
+
+    async def _inputs(self, model: str, version: str, now: float) -> RuleInputs:
+        start = now - self.window * 10
+        totals = await self.views.state.window_totals(model, version, start, now)
+        streak, summary = await self._drift(model, version, start, now)
+        accuracy = totals.accuracy() if totals.labelled else None
+        latency = totals.latency_percentile(0.99) if totals.requests else None
+        return RuleInputs(
+            model,
+            version,
+            drifted_in_a_row=streak,
+            drift_summary=summary,
+            labelled=totals.labelled,
+            accuracy=None if accuracy is None or math.isnan(accuracy) else accuracy,
+            latency_p99_ms=latency,
+        )
+
+    async def _drift(self, model: str, version: str, start: float, end: float) -> tuple[int, str]:
+        key = (model, version)
+        try:
+            _v, result, _path = await self.views.drift(
+                model, version, start, end, limit=self.drift_records
+            )
+        except (NotFound, FailedPrecondition) as err:
+            log.info(
+                "drift not checked", extra={"model": model, "version": version, "why": err.message}
+            )
+            return 0, ""
+        self._streak[key] = self._streak.get(key, 0) + 1 if result.drifted else 0
+        return self._streak[key], result.summary
