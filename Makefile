@@ -49,6 +49,7 @@ bench: setup
 	$(BENCH_ENV) $(PY) -m bench.inference $(BENCH_ARGS)
 	$(BENCH_ENV) $(PY) -m bench.router $(BENCH_ROUTER_ARGS)
 	$(BENCH_ENV) $(PY) -m bench.language
+	$(BENCH_ENV) $(PY) -m bench.monitor
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -279,14 +279,12 @@ class Consumer:
             while reading is not None:
                 inference, feedback = await reading
                 reading = None
-                if not inference and not feedback:
+                if not inference and not feedback:  # caught up: flush, then wait for more
                     if folding is not None:
                         await folding
                         folding = None
-                    if self._stopping.is_set():
+                    if not await self._idle():
                         break
-                    await self._claim_if_due()
-                    await self._wait_for_entries()
                     reading = asyncio.ensure_future(self._read_batch(pending=True))
                     continue
                 if not self._stopping.is_set():
@@ -323,6 +321,14 @@ class Consumer:
             )
         self._recovered()
         return _rows(reply[0]), _rows(reply[1])
+
+    async def _idle(self) -> bool:
+        """With nothing to read: reclaim if due, then block for new entries; False on stop."""
+        if self._stopping.is_set():
+            return False
+        await self._claim_if_due()
+        await self._wait_for_entries()
+        return True
 
     def _claim_due(self) -> bool:
         return time.monotonic() >= self._next_claim
@@ -531,7 +537,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(args.log_level, json=args.log_json)
     url = args.redis_url or os.environ.get("LOOPLINE_REDIS_URL", "redis://127.0.0.1:6379/0")
     config = StateConfig(
-        prefix=args.prefix, window_s=args.window_s, prediction_ttl_s=args.prediction_ttl_s
+        prefix=args.prefix,
+        window_s=args.window_s,
+        prediction_ttl_s=args.prediction_ttl_s,
+        # Windows outlive the index by a day, so the latest label still finds its window.
+        window_ttl_s=max(StateConfig.window_ttl_s, args.prediction_ttl_s + 86_400),
     )
     asyncio.run(_serve(url, args, config))
 

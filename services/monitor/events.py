@@ -37,7 +37,7 @@ _NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COMPACT_SKETCH = re.compile(rf"\[(?:{_NUMBER},){{{SKETCH_DIM - 1}}}{_NUMBER}\]")
 _TRUE = frozenset({"1", "true", "True", "yes"})
 
-RawFields = Mapping[str, str] | Mapping[str, bytes] | Mapping[str, str | bytes]
+RawFields = Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, bytes] | Mapping[bytes, str]
 
 
 class MalformedRecordError(ValueError):

@@ -25,6 +25,7 @@ from loopline.logging import get_logger
 from services.monitor import stats as st
 from services.monitor.alerts import AlertBook, RuleInputs, Rules, evaluate
 from services.monitor.drift import DriftResult, LiveSamples, Reference, check_drift, save_html
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.retrain import Retrainer
 from services.monitor.state import State, Totals
 
@@ -178,6 +179,7 @@ class Views:
         end: float | None,
         features: Sequence[str] | None = None,
         limit: int = 2000,
+        report: bool = True,
     ) -> tuple[str, DriftResult, Path | None]:
         version = version or await self.references.champion(model)
         reference = await self.references.load(model, version)
@@ -186,7 +188,8 @@ class Views:
             check_drift, reference, live_samples(samples), list(features or []) or None
         )
         path = None
-        if result.evidence is not None:
+        if report and result.evidence is not None:
+            self.reports.mkdir(parents=True, exist_ok=True)
             path = self.reports / f"{model}-{version}-{int(time.time())}.html"
             try:
                 await asyncio.to_thread(save_html, result, path)
@@ -248,7 +251,9 @@ class Checker:
         interval: float,
         window_seconds: int,
         drift_records: int,
+        metrics: MonitorMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.views = views
         self.book = book
         self.rules = rules
@@ -289,11 +294,17 @@ class Checker:
                         await self.retrainer.trigger(
                             model, alert.message, alert_id=alert.id, since=None
                         )
+        if self.metrics is not None:
+            firing = [a.rule for a in await self.book.firing()]
+            for rule in ("drift", "accuracy_floor", "latency_slo", "srm"):
+                self.metrics.firing.labels(rule).set(firing.count(rule))
         return written
 
     async def _inputs(self, model: str, version: str, now: float) -> RuleInputs:
         start = now - self.window * 10
         totals = await self.views.state.window_totals(model, version, start, now)
+        if self.metrics is not None:
+            self.metrics.observe(model, version, totals, now - start)
         streak, summary = await self._drift(model, version, start, now)
         accuracy = totals.accuracy() if totals.labelled else None
         latency = totals.latency_percentile(0.99) if totals.requests else None
@@ -310,8 +321,9 @@ class Checker:
     async def _drift(self, model: str, version: str, start: float, end: float) -> tuple[int, str]:
         key = (model, version)
         try:
+            # No HTML per periodic check (megabytes, seconds of CPU): GetDrift draws one.
             _v, result, _path = await self.views.drift(
-                model, version, start, end, limit=self.drift_records
+                model, version, start, end, limit=self.drift_records, report=False
             )
         except (NotFound, FailedPrecondition) as err:
             log.info(
@@ -319,4 +331,6 @@ class Checker:
             )
             return 0, ""
         self._streak[key] = self._streak.get(key, 0) + 1 if result.drifted else 0
+        if self.metrics is not None:
+            self.metrics.drift(model, version, result.drifted, self._streak[key])
         return self._streak[key], result.summary

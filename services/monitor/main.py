@@ -25,6 +25,7 @@ from loopline.v1 import monitor_pb2_grpc as pb_grpc
 from services.monitor.alerts import AlertBook, Rules
 from services.monitor.consumer import Consumer
 from services.monitor.handlers import Checker, References, Views
+from services.monitor.metrics import MonitorMetrics
 from services.monitor.retrain import Retrainer
 from services.monitor.servicer import ADMIN_METHODS, MonitorServicer, service_name
 from services.monitor.settings import MonitorSettings
@@ -98,6 +99,7 @@ class MonitorService:
             settings.check_seconds,
             settings.window_seconds,
             settings.drift_window_records,
+            MonitorMetrics(),
         )
         self.server = GrpcServer(
             settings,

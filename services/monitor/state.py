@@ -121,6 +121,11 @@ class StateConfig:
                 raise ValueError(f"StateConfig.{name} must be at least 1")
         if self.sample_size < 0:
             raise ValueError("StateConfig.sample_size must not be negative")
+        if self.window_ttl_s < self.prediction_ttl_s:
+            raise ValueError(
+                "StateConfig.window_ttl_s must be at least prediction_ttl_s, or a late label "
+                "lands in a window that has already expired"
+            )
 
 
 def histogram_quantile(

@@ -50,6 +50,7 @@ class Stack:
     address: str
     stub: pb_grpc.MonitorStub
     redis_url: str
+    metrics_port: int
 
 
 def record(n: int, variant: str, label: str, *, shadow: bool = False) -> dict[str, str]:
@@ -112,10 +113,11 @@ def stack(
         right = (n % 10 != 0) if variant == "control" else (n % 10 < 6)
         truth = predicted if right else ("negative" if predicted == "positive" else "positive")
         client.xadd("loopline:feedback", {"request_id": f"req-{n}", "label": truth})
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     env = {
         **os.environ,
         "LOOPLINE_MONITOR_PORT": str(port),
+        "LOOPLINE_MONITOR_METRICS_PORT": str(metrics_port),
         "LOOPLINE_MONITOR_HOME": str(home / "monitor"),
         "LOOPLINE_MONITOR_CHECK_SECONDS": "1",
         "LOOPLINE_MONITOR_LATENCY_P99_MS": "1",  # every version breaks this SLO: an alert fires
@@ -140,7 +142,7 @@ def stack(
 
     try:
         _until(folded, "every record folded")
-        yield Stack(f"127.0.0.1:{port}", stub, redis_server.url)
+        yield Stack(f"127.0.0.1:{port}", stub, redis_server.url, metrics_port)
     finally:
         channel.close()
         process.send_signal(signal.SIGTERM)
@@ -193,6 +195,17 @@ def test_alerts_fire_and_the_cli_prints_them(stack: Stack) -> None:
         return any(a.rule == "latency_slo" for a in listed.alerts)
 
     _until(fired, "the latency alert")
+    import urllib.request
+
+    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+
+    def exported() -> str:
+        return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+    # The gauges are set at the end of the check that raised the alert.
+    firing = 'loopline_monitor_alerts_firing{rule="latency_slo"} 2.0'  # versions 1 and 2
+    _until(lambda: firing in exported(), "the firing gauge")
+    assert 'loopline_monitor_requests{model="tiny",version="1"} 200.0' in exported()
     from services.cli.main import app
 
     result = CliRunner().invoke(app, ["monitor", "alerts", "--monitor", stack.address])
