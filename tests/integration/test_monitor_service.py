@@ -146,7 +146,7 @@ def stack(
     finally:
         channel.close()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=90) == 0
 
 
 def test_stats_count_every_record_once_with_live_accuracy(stack: Stack) -> None:
