@@ -42,15 +42,19 @@ RECOMMENDATIONS = {
 DEFAULT_WINDOW_S = 3600
 
 
-def window_range(window: common.TimeWindow, now: float) -> tuple[float, float]:
-    """[start, end) of a request's window; unset: the last hour."""
+def window_range(window: common.TimeWindow, now: float) -> tuple[float | None, float]:
+    """[start, end) of a request's window. Nothing set: the last hour; `last`: that trailing
+    window; start and/or end: that range, an unset start meaning the oldest data kept (so
+    `end_time` alone asks for the since-deploy totals)."""
     if window.HasField("last"):
         if window.HasField("start_time") or window.HasField("end_time"):
             raise InvalidInput("window: give `last` or start/end times, not both", field="window")
         return now - window.last.ToNanoseconds() / 1e9, now
+    if not (window.HasField("start_time") or window.HasField("end_time")):
+        return now - DEFAULT_WINDOW_S, now
     start = window.start_time.ToNanoseconds() / 1e9 if window.HasField("start_time") else None
     end = window.end_time.ToNanoseconds() / 1e9 if window.HasField("end_time") else now
-    return (start if start is not None else end - DEFAULT_WINDOW_S), end
+    return start, end
 
 
 def _stamp(seconds: float) -> Timestamp:
@@ -91,7 +95,11 @@ def _z(value: float) -> float:
     return 0.0 if math.isnan(value) else value
 
 
-def stats_pb(totals: Totals, start: float, end: float, level: float = 0.95) -> pb.GetStatsResponse:
+def stats_pb(
+    totals: Totals, start: float | None, end: float, level: float = 0.95
+) -> pb.GetStatsResponse:
+    if start is None:  # since the first record
+        start = totals.first if totals.first is not None else end
     accuracy = st.proportion(totals.correct, totals.labelled, level)
     n = totals.requests
     return pb.GetStatsResponse(
@@ -188,7 +196,7 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         summary = result.summary + (f" (report: {path})" if path else "")
         return pb.GetDriftResponse(
             model=common.ModelRef(name=model, version=version),
-            window=_window(start, end),
+            window=_window(end - DEFAULT_WINDOW_S if start is None else start, end),
             samples=result.samples,
             reference_samples=result.reference_samples,
             features=[

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from google.protobuf.timestamp_pb2 import Timestamp
 from typer.testing import CliRunner
 
 from loopline.v1 import common_pb2 as common
@@ -156,6 +157,11 @@ def test_stats_count_every_record_once_with_live_accuracy(stack: Stack) -> None:
     assert stats.accuracy.interval.lower < 0.7 < stats.accuracy.interval.upper
     assert {s.label: s.count for s in stats.labels} == {"negative": 200, "positive": 200}
     assert stats.latency.p50.ToNanoseconds() > 0
+    since_deploy = pb.GetStatsRequest(
+        model=common.ModelRef(name="tiny", version="1"),
+        window=common.TimeWindow(end_time=Timestamp(seconds=int(time.time()) + 60)),
+    )
+    assert stack.stub.GetStats(since_deploy, timeout=5).requests == 200
     one = pb.GetStatsRequest(
         model=common.ModelRef(name="tiny"), experiment_id=EXPERIMENT, variant="control"
     )
