@@ -273,12 +273,19 @@ class Checker:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.check_once()
-            except Exception:  # one bad check must not end the loop
-                log.exception("monitor check failed")
+            except Exception:  # one bad check must not end the loop; say so once per spell
+                if not failing:
+                    log.exception("monitor check failed; retrying every interval")
+                failing = True
+            else:
+                if failing:
+                    log.info("monitor checks succeed again")
+                failing = False
 
     async def check_once(self, now: float | None = None) -> list[Any]:
         """One pass over every model version seen; returns the alerts written."""
