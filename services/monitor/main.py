@@ -83,6 +83,7 @@ class MonitorService:
             submit,
             Retrainer.load_spec(settings.retrain_spec),
             settings.retrain_cooldown_seconds,
+            book=self.book,
         )
         rules = Rules(
             drift_consecutive=settings.drift_consecutive,

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from loopline.errors import FailedPrecondition
 from loopline.logging import get_logger
+from services.monitor.alerts import RESOLVED, Alert, AlertBook
 
 __all__ = ["Retrainer", "Trigger", "derive_spec"]
 
@@ -71,7 +72,9 @@ class Retrainer:
         base_spec: dict[str, Any] | None,
         cooldown_seconds: float,
         prefix: str = "loopline:monitor",
+        book: AlertBook | None = None,
     ) -> None:
+        self._book = book
         self._client = client
         self._submit = submit
         self._base = base_spec
@@ -142,6 +145,9 @@ class Retrainer:
         await self._client.xadd(
             self._history, {"trigger": json.dumps(asdict(trigger))}, maxlen=10_000, approximate=True
         )
+        if self._book is not None and trigger.submitted:
+            # The history people query: ListAlerts / WatchAlerts with kind RETRAINING.
+            await self._book.record(_alert(trigger))
         return trigger
 
     async def history(self, count: int = 100) -> list[Trigger]:
@@ -152,3 +158,20 @@ class Retrainer:
             raw = fields.get(b"trigger") or fields.get("trigger")
             out.append(Trigger(**json.loads(raw)))
         return out
+
+
+def _alert(trigger: Trigger) -> Alert:
+    """A submitted retraining as an alert (already resolved: nothing stays firing)."""
+    return Alert(
+        id="",
+        kind="retraining",
+        severity="info",
+        rule="retraining",
+        model=trigger.model,
+        version="",
+        message=f"retraining job {trigger.job_id} submitted for {trigger.model}: {trigger.reason}",
+        time=trigger.time,
+        state=RESOLVED,
+        resolve_time=trigger.time,
+        fields={"job_id": trigger.job_id, "alert_id": trigger.alert_id},
+    )

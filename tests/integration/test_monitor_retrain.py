@@ -7,6 +7,7 @@ from typing import Any
 
 from loopline.jobspec import parse_spec
 from loopline.redis import connect
+from services.monitor.alerts import AlertBook
 from services.monitor.retrain import Retrainer, derive_spec
 
 BASE: dict[str, Any] = {
@@ -42,7 +43,8 @@ def test_a_flapping_alert_submits_once_within_the_cooldown(redis_url: str) -> No
 
     async def scenario() -> None:
         client = connect(redis_url)
-        retrainer = Retrainer(client, submit, BASE, cooldown_seconds=3600)
+        book = AlertBook(client)
+        retrainer = Retrainer(client, submit, BASE, cooldown_seconds=3600, book=book)
         first = await retrainer.trigger("sentiment", "drift", alert_id="1-0")
         again = await retrainer.trigger("sentiment", "drift", alert_id="2-0")
         dry = await retrainer.trigger("sentiment", "manual", dry_run=True)
@@ -58,6 +60,8 @@ def test_a_flapping_alert_submits_once_within_the_cooldown(redis_url: str) -> No
         assert submitted[0] == ("sentiment", "monitor-sentiment-1-0")
         history = await retrainer.history()
         assert [t.submitted for t in history] == [True, True, False, False, True]
+        listed = [a for a in await book.history() if a.kind == "retraining"]
+        assert [a.fields["job_id"] for a in listed] == ["job-3", "job-2", "job-1"]
         await client.aclose()
 
     asyncio.run(scenario())
