@@ -34,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "movie_reviews" / "validation.jsonl"
+TRAIN = DATA.with_name("train.jsonl")
 RESULTS = ROOT / "bench" / "results"
 CONCURRENCIES = (1, 4, 16, 32, 64)
 BATCH_SIZES = (1, 8, 16, 32, 64)
@@ -49,15 +50,26 @@ def export_base_package(directory: Path) -> Path:
     from transformers import AutoTokenizer
 
     from loopline.package import Manifest, write_manifest
-    from services.trainer.export import ExportOptions, save_tokenizer, write_graphs
+    from services.trainer.export import (
+        ExportOptions,
+        calibration_batches,
+        save_tokenizer,
+        write_graphs,
+    )
     from services.trainer.modeling import build_classifier
     from services.trainer.presets import resolve_base_model
 
     source, name = resolve_base_model(None)
     torch.manual_seed(0)
     model = build_classifier(source, 2)
-    variants, optimization = write_graphs(model.eval(), directory, ExportOptions(int8=True))
     tokenizer = AutoTokenizer.from_pretrained(source)
+    # Static int8 scales are calibrated on training text, as `loopline train` does.
+    train = [json.loads(line)["text"] for line in TRAIN.read_text().splitlines() if line.strip()]
+    ids = tokenizer(train[:2000], truncation=True, max_length=128)["input_ids"]
+    calibration = calibration_batches(ids, int(tokenizer.pad_token_id))
+    variants, optimization = write_graphs(
+        model.eval(), directory, ExportOptions(int8=True), calibration
+    )
     save_tokenizer(tokenizer, directory)
     write_manifest(
         directory,

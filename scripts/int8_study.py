@@ -8,8 +8,10 @@ writes), then measures each against fp32 in the same run, interleaved round by r
 noisy shared machine slows every variant alike:
 
 - speed: the worker's session options (`OnnxOptions` defaults: arena off, glibc mmap threshold
-  pinned, intra-op threads one per core), the 1,000 validation texts in length-sorted batches of
-  32, and one at a time; sentences/s and ms per text, with the ratio to fp32 of the same round;
+  pinned at 128 KiB unless --no-mmap-pin, intra-op threads one per core), the 1,000 validation
+  texts in length-sorted batches of 32, and one at a time; sentences/s and ms per text, and the
+  ratio to fp32. Variants take turns chunk by chunk and each chunk keeps its fastest round
+  (`measure_speed`), so the ratios hold on a machine other work is using;
 - accuracy on the validation labels, agreement with fp32, and batch independence as the exporter's
   parity gate measures it: each text batched (32, sorted by length) vs alone, label flips and the
   largest probability difference.
@@ -20,16 +22,18 @@ Variants (names in the table):
                   (accuracy_level 4): the exporter's fallback
   dynamic         ORT `quantize_dynamic` on the fused graph, as a user would run it: one activation
                   scale per batch (the fast, batch-dependent reference)
-  static          the exporter's default: `quantize_dynamic`'s integer graph with every
-                  activation scale fixed from training text (QuantizeLinear + QAttention /
-                  MatMulIntegerToFloat)
-  static-pc       the same with per-channel weight scales
+  static          the exporter's default: `quantize_dynamic`'s integer graph (per-channel
+                  weights) with every activation scale fixed from training text (QuantizeLinear +
+                  QAttention / MatMulIntegerToFloat)
+  static-pt       the same with one weight scale per tensor
+  static-noqkv    the same with the fused attention left fp32 (its QKV projection unquantised)
   qdq-fused       `quantize_static` QDQ on MatMul only, after symbolic shape inference of the fused
                   graph, MatMul outputs left float: ORT runs MatMulIntegerToFloat, attention fp32
   qdq-weights     the same without shape inference: the quantiser cannot type the fused operators'
                   outputs, so only weights are quantised and ORT runs fp32 MatMulNBits
   qdq-noattn      (with --checkpoint) the raw export optimised without attention fusion, then QDQ
-                  static on every constant-weight MatMul, outputs float
+                  static on MatMul, outputs float
+  static-noattn   (with --checkpoint) the same graph through the exporter's static recipe
 The calibration texts come from the training file, never from the validation file.
 """
 
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -114,8 +117,8 @@ def build_qdq(
         )
 
 
-def build_qdq_no_attention_fusion(
-    checkpoint: Path, target: Path, calibration: Sequence[Batch]
+def build_no_attention_fusion(
+    checkpoint: Path, target: Path, calibration: Sequence[Batch], *, qdq: bool
 ) -> None:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -138,7 +141,10 @@ def build_qdq_no_attention_fusion(
             opt_level=1,
         )
         optimized.save_model_to_file(str(fused))
-        build_qdq(fused, target, calibration)
+        if qdq:
+            build_qdq(fused, target, calibration)
+        else:
+            exportlib.quantize_int8_static(fused, target, calibration)
 
 
 def runtime_ops(path: Path) -> dict[str, int]:
@@ -171,7 +177,8 @@ def runtime_ops(path: Path) -> dict[str, int]:
     return {k: v for k, v in sorted(counts.items()) if k in interesting}
 
 
-def session(path: Path) -> Any:
+def session(path: Path, *, pin_mmap_threshold: bool = True) -> Any:
+    """A session as the worker's engine makes it; the glibc pin is process-wide, like there."""
     import onnxruntime as ort
 
     from services.inference.engines.onnx import (
@@ -181,7 +188,7 @@ def session(path: Path) -> Any:
     )
 
     options = OnnxOptions()
-    if options.malloc_mmap_threshold_bytes is not None:
+    if pin_mmap_threshold and options.malloc_mmap_threshold_bytes is not None:
         pin_malloc_mmap_threshold(options.malloc_mmap_threshold_bytes)
     return ort.InferenceSession(
         str(path), _session_options(options), providers=["CPUExecutionProvider"]
@@ -253,20 +260,28 @@ def build_variants(
 ) -> dict[str, Path]:
     fp32 = args.package / "model.onnx"
 
-    def static(target: Path, *, per_channel: bool) -> None:
-        exportlib.quantize_int8_static(fp32, target, calibration, per_channel=per_channel)
+    def static(target: Path, *, per_channel: bool = True, attention: bool = True) -> None:
+        exportlib.quantize_int8_static(
+            fp32, target, calibration, per_channel=per_channel, attention=attention
+        )
 
     builders: dict[str, Callable[[Path], None]] = {
         "blockwise": lambda t: exportlib.quantize_int8(fp32, t),
         "dynamic": lambda t: build_dynamic(fp32, t),
-        "static": lambda t: static(t, per_channel=False),
-        "static-pc": lambda t: static(t, per_channel=True),
+        "static-pt": lambda t: static(t, per_channel=False),
+        "static": static,
+        "static-noqkv": lambda t: static(t, attention=False),
         "qdq-fused": lambda t: build_qdq(fp32, t, calibration),
         "qdq-weights": lambda t: build_qdq(fp32, t, calibration, shapes=False),
     }
     if args.checkpoint is not None:
         checkpoint = args.checkpoint
-        builders["qdq-noattn"] = lambda t: build_qdq_no_attention_fusion(checkpoint, t, calibration)
+        builders["qdq-noattn"] = lambda t: build_no_attention_fusion(
+            checkpoint, t, calibration, qdq=True
+        )
+        builders["static-noattn"] = lambda t: build_no_attention_fusion(
+            checkpoint, t, calibration, qdq=False
+        )
     paths = {"fp32": fp32}
     for name, build in builders.items():
         if wanted is not None and name not in wanted:
@@ -282,25 +297,36 @@ def build_variants(
 def measure_speed(
     sessions: dict[str, Any], texts: Texts, rounds: int, results: dict[str, dict[str, Any]]
 ) -> None:
-    """Every variant once per round, batch 32 then batch 1; medians and per-round ratios."""
+    """Time on a shared, noisy machine: interleave finely and keep each chunk's fastest run.
+
+    The texts are cut into chunks of about 0.1 s of work (one batch of 32, or 20 texts one at a
+    time); each round runs every variant on a chunk before moving to the next chunk, rotating
+    which variant goes first. A variant's time is the sum over chunks of its fastest round, so a
+    burst of someone else's work costs a round, not the comparison.
+    """
+    names = list(sessions)
     for sess in sessions.values():  # warm-up
         timed(sess, texts.b32[:4])
         timed(sess, texts.b1[:50])
-    speed: dict[str, dict[str, list[float]]] = {n: {"b32": [], "b1": []} for n in sessions}
     count = len(texts.ids)
-    for round_ in range(rounds):
-        for name, sess in sessions.items():
-            speed[name]["b32"].append(count / timed(sess, texts.b32))
-            speed[name]["b1"].append(count / timed(sess, texts.b1))
-        print(f"round {round_ + 1}/{rounds} done", flush=True)
-    for name in sessions:
-        for size in ("b32", "b1"):
-            mine, base = speed[name][size], speed["fp32"][size]
-            results[name][f"{size}_per_s"] = round(statistics.median(mine), 1)
-            ratios = [a / b for a, b in zip(mine, base, strict=True)]
-            results[name][f"{size}_vs_fp32"] = round(statistics.median(ratios), 2)
+    plans = {
+        "b32": [texts.b32[i : i + 1] for i in range(len(texts.b32))],
+        "b1": [texts.b1[i : i + 20] for i in range(0, len(texts.b1), 20)],
+    }
+    for size, chunks in plans.items():
+        best = {name: [float("inf")] * len(chunks) for name in names}
+        for round_ in range(rounds):
+            for index, chunk in enumerate(chunks):
+                for k in range(len(names)):
+                    name = names[(index + round_ + k) % len(names)]
+                    best[name][index] = min(best[name][index], timed(sessions[name], chunk))
+            print(f"{size}: round {round_ + 1}/{rounds} done", flush=True)
+        for name in names:
+            seconds = sum(best[name])
+            results[name][f"{size}_per_s"] = round(count / seconds, 1)
+            results[name][f"{size}_vs_fp32"] = round(sum(best["fp32"]) / seconds, 2)
+    for name in names:
         results[name]["b1_ms"] = round(1000 / results[name]["b1_per_s"], 2)
-        results[name]["rounds"] = speed[name]
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
@@ -321,13 +347,23 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--package", type=Path, required=True, help="package with model.onnx")
-    parser.add_argument("--checkpoint", type=Path, help="its checkpoint (for qdq-noattn)")
+    parser.add_argument("--checkpoint", type=Path, help="its checkpoint (for *-noattn)")
     parser.add_argument("--train", type=Path, default=DATA / "train.jsonl")
     parser.add_argument("--validation", type=Path, default=DATA / "validation.jsonl")
     parser.add_argument("--out", type=Path, default=Path("/tmp/int8-study"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calibration-texts", type=int, default=512)
     parser.add_argument("--variants", help="comma-separated subset (fp32 is always measured)")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="time the variants already built in --out (a quieter moment's rerun), no quality",
+    )
+    parser.add_argument(
+        "--no-mmap-pin",
+        action="store_true",
+        help="leave glibc's mmap threshold dynamic (OnnxOptions.malloc_mmap_threshold_bytes=None)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -339,16 +375,27 @@ def main() -> None:
     )
     texts = load_texts(args.package, args.validation)
     wanted = set(args.variants.split(",")) if args.variants else None
-    paths = build_variants(args, calibration, wanted)
+    if args.speed_only:
+        built = {p.stem: p for p in sorted(args.out.glob("*.onnx"))}
+        paths = {"fp32": args.package / "model.onnx"}
+        paths.update({n: p for n, p in built.items() if wanted is None or n in wanted})
+    else:
+        paths = build_variants(args, calibration, wanted)
 
-    results: dict[str, dict[str, Any]] = {}
-    sessions = {name: session(path) for name, path in paths.items()}
+    results: dict[str, dict[str, Any]] = {name: {} for name in paths}
+    pin = not args.no_mmap_pin
+    sessions = {name: session(path, pin_mmap_threshold=pin) for name, path in paths.items()}
+    if args.speed_only:
+        measure_speed(sessions, texts, args.rounds, results)
+        for name, figures in results.items():
+            print(name, figures)
+        return
     reference: np.ndarray | None = None
     for name, sess in sessions.items():
         figures, probs = quality(sess, texts)
         if reference is None:
             reference = probs
-        results[name] = {
+        results[name] |= {
             **figures,
             "agree_fp32": float((probs.argmax(1) == reference.argmax(1)).mean()),
             "runtime_ops": runtime_ops(paths[name]),

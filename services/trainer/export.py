@@ -2,20 +2,20 @@
 
 The int8 variant must give every text the same answer whatever shares its batch. ORT's
 `quantize_dynamic` computes one activation scale per batch, so a text's answer moves with its
-neighbours (18-20 of 1,000 labels flipped on the fine-tuned MiniLM). Two exporters avoid that:
+neighbours (16-20 of 1,000 labels flipped on the fine-tuned MiniLM). Two exporters avoid that:
 
-- "static" (the default when calibration batches are given): int8 weights and *fixed* uint8
-  activation scales measured on training text. It starts from `quantize_dynamic`'s graph, whose
-  integer kernels are the fast ones on x86 (`QAttention` for the fused attention, MatMulInteger
-  for the other projections), replaces each `DynamicQuantizeLinear` with a `QuantizeLinear` whose
-  scale and zero point are constants, and writes each MatMulInteger -> Cast -> Mul [-> Add] chain
-  as one `MatMulIntegerToFloat` (ORT's own fusion only fires on run-time scales). Quantising one
-  element never looks at another, so batching cannot change an answer.
+- "static" (the default when calibration batches are given): int8 per-channel weights and *fixed*
+  uint8 activation scales measured on training text. It starts from `quantize_dynamic`'s graph,
+  whose integer kernels are the fast ones on x86 (`QAttention` for the fused attention,
+  MatMulInteger for the other projections), replaces each `DynamicQuantizeLinear` with a
+  `QuantizeLinear` whose scale and zero point are constants, and writes each MatMulInteger -> Cast
+  -> Mul [-> Add] chain as one `MatMulIntegerToFloat` (ORT's own fusion only fires on run-time
+  scales). Quantising one element never looks at another, so batching cannot change an answer.
 - "blockwise": 8-bit block-quantised weights (MatMulNBits) whose activations are quantised per row
-  and block at run time; batch independent too, needs no calibration, but barely faster than fp32
-  on x86. The fallback when no calibration text is given or the static graph fails the gates.
+  and block at run time; batch independent too and needs no calibration, but barely faster than
+  fp32 on x86. The fallback when no calibration text is given or the static graph fails a gate.
 
-`scripts/int8_study.py` measured these and the alternatives (docs/training.md has the table).
+`scripts/int8_study.py` measured both against the alternatives; docs/training.md has the table.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def activation_ranges(
         real = mask.astype(bool)
         for name, value in zip(tensors, values, strict=True):
             array = np.asarray(value)
-            if array.ndim >= 2 and array.shape[:2] == real.shape:
+            if array.ndim >= 3 and array.shape[:2] == real.shape:  # (batch, sequence, ...)
                 array = array[real]  # padding is masked out downstream; its range is noise
             if array.size:
                 low[name] = min(low[name], float(array.min()))

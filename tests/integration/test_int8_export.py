@@ -14,15 +14,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from loopline.package import read_manifest
 from loopline.runtime import pad, softmax
 from services.trainer.export import (
     ExportOptions,
+    ExportRefused,
     calibration_batches,
     quantize_int8_static,
     uint8_scale,
     write_graphs,
 )
 from services.trainer.modeling import build_classifier
+from services.trainer.pipeline import TrainRequest, run_job
+from tests.fixtures.packages import TINY_RECIPE
 from tests.fixtures.tiny_models import DEFAULT_CORPUS
 
 pytestmark = pytest.mark.slow
@@ -93,6 +97,39 @@ def test_static_int8_runs_integer_kernels_and_batching_changes_nothing(
         str(tmp_path / variants["fp32"]), providers=["CPUExecutionProvider"]
     )
     assert np.abs(probabilities(fp32, ids, pad_id) - batched).max() < 0.05
+
+
+def test_the_trainer_ships_static_int8_calibrated_on_training_text(tiny_package: Path) -> None:
+    manifest = read_manifest(tiny_package)
+    assert "int8: static (activation scales from" in manifest.optimization
+    parity = manifest.parity
+    assert parity is not None
+    assert parity.int8_batch_label_flips == 0
+    assert parity.int8_max_batch_prob_diff is not None
+    assert parity.int8_max_batch_prob_diff < 1e-5
+    assert manifest.default_cpu_variant == "int8"
+
+
+def test_static_int8_failing_a_gate_falls_back_to_blockwise_before_refusing(
+    tiny_model_factory: Callable[[str], Path],
+    sentiment_files: tuple[Path, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = TrainRequest(
+        data=sentiment_files[0],
+        validation=sentiment_files[1],
+        base_model=str(tiny_model_factory("bert")),
+        output=tmp_path,
+        register_version=False,
+        int8_max_drop_points=-1.0,  # int8 would have to beat fp32: both graphs fail
+        train=TINY_RECIPE.model_copy(update={"epochs": 1}),
+    )
+    with caplog.at_level("WARNING"), pytest.raises(ExportRefused, match="int8 accuracy"):
+        run_job(request)
+    assert any("block-wise int8 instead" in r.getMessage() for r in caplog.records)
+    nodes = onnx.load(str(tmp_path / "package" / "model.int8.onnx"), load_external_data=False)
+    assert {n.op_type for n in nodes.graph.node} >= {"MatMulNBits"}  # the fallback was written
 
 
 def test_without_calibration_text_the_int8_variant_is_blockwise(
