@@ -14,10 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.cli.common import console, out
+from services.cli.router_client import EXIT_BY_STATUS
 
 app = typer.Typer(help="Statistics, drift, experiment reports and alerts.", no_args_is_help=True)
 
-EXIT_BY_STATUS = {"INVALID_ARGUMENT": 2, "NOT_FOUND": 3, "FAILED_PRECONDITION": 4, "UNAVAILABLE": 6}
 
 Monitor = Annotated[
     str,

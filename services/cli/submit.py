@@ -15,16 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loopline.errors import InvalidInput
 from services.cli.common import console, out
+from services.cli.router_client import EXIT_BY_STATUS
 
 DEFAULT_TRAINER = "127.0.0.1:8002"
-EXIT_BY_STATUS = {
-    "INVALID_ARGUMENT": 2,
-    "NOT_FOUND": 3,
-    "FAILED_PRECONDITION": 4,
-    "UNAUTHENTICATED": 5,
-    "PERMISSION_DENIED": 5,
-    "UNAVAILABLE": 6,
-}
 
 
 def _spec_message(path: Path) -> Any:

@@ -267,12 +267,10 @@ def test_cancel_and_restart(stack: Stack) -> None:
         ),
         "the job to train",
     )
-    started = time.monotonic()
     cancelled = stack.stub.CancelJob(
         pb.CancelJobRequest(id=running.id, reason="test"), metadata=ADMIN, timeout=30
     )
     assert cancelled.state == pb.JOB_STATE_CANCELLED
-    assert time.monotonic() - started < 15
 
     # A trainer killed mid-job: the running job is interrupted, the queued one still runs.
     interrupted = submit(stack, long)
