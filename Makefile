@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-EXTRAS ?= router,inference,trainer,monitor,dev
+EXTRAS ?= router,inference,trainer,monitor,launcher,dev
 PYTEST_ARGS ?=
 
 .PHONY: setup test lint format protos protos-check bench clean help

@@ -50,7 +50,7 @@ LogLevel = Annotated[
     Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)
 ]
 
-S = TypeVar("S", bound="ServiceSettings")
+S = TypeVar("S", bound=BaseSettings)
 
 
 def default_mlflow_uri() -> str:

@@ -1,0 +1,1 @@
+"""`loopline up`: the whole stack on one machine as supervised processes."""
