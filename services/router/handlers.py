@@ -62,7 +62,7 @@ class Route:
     variant: str = ""
     user_bucket: str = ""
     language: str = ""
-    shadows: tuple[ModelRef, ...] = ()
+    shadows: tuple[tuple[str, ModelRef], ...] = ()  # (shadow name, model)
 
     def group_key(self) -> tuple[str, ...]:
         """Items with the same key can share one worker call (and its tags)."""
@@ -155,7 +155,7 @@ class Router:
         if experiment is None:
             return Route(ModelRef(name, alias=CHAMPION), language=language)
         variant, bucket = assign(experiment, call.user_id or None, self._rng)
-        shadows = tuple(s.model for s in shadows_for(experiment, self._rng))
+        shadows = tuple((s.name, s.model) for s in shadows_for(experiment, self._rng))
         return Route(
             variant.model,
             experiment=experiment.id,
@@ -227,8 +227,8 @@ class Router:
         if self._metrics is not None:
             self._metrics.latency.labels(label).observe(total)
             self._metrics.upstream.labels(label).observe(upstream)
-        for shadow in route.shadows:
-            self._mirror(shadow, route, texts, ids, deadline)
+        for name, shadow in route.shadows:
+            self._mirror(name, shadow, route, texts, ids, deadline)
 
     def _count(self, model: str, variant: str, code: str, n: int) -> None:
         if self._metrics is not None:
@@ -238,20 +238,24 @@ class Router:
 
     def _mirror(
         self,
+        name: str,
         shadow: ModelRef,
         route: Route,
         texts: list[str],
         ids: list[str],
         deadline: float | None,
     ) -> None:
-        """Send a copy after the answer; its outcome is counted and never reaches the caller."""
+        """Send a copy after the answer; its outcome is counted and never reaches the caller.
+
+        The copy's record names the shadow as its variant (the monitor reports each shadow arm
+        under its own name) and carries the served request's id, so one label scores both."""
         if len(self._shadows) >= self._shadow_max:
             self._shadow_outcome(shadow, "skipped")
             return
         tags = Route(
             shadow,
             experiment=route.experiment,
-            variant=route.variant,
+            variant=name,
             user_bucket=route.user_bucket,
             language=route.language,
         )

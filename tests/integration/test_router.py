@@ -371,7 +371,7 @@ def test_a_shadow_variant_is_recorded_and_never_answers(stack: Stack) -> None:
         def shadow_record() -> bool:
             for _, fields in client.xrange("loopline:inference"):
                 if fields[b"request_id"] == b"mirror-1" and fields[b"shadow"] == b"1":
-                    return fields[b"version"] == b"2"
+                    return (fields[b"version"], fields[b"variant"]) == (b"2", b"mirror")
             return False
 
         _until(shadow_record, "the shadow's record", timeout=10)

@@ -152,6 +152,8 @@ def test_a_failing_shadow_never_fails_the_caller_and_is_counted() -> None:
     shadow_call = upstream.calls[-1]
     assert shadow_call[0] == ModelRef("broken", "3")
     assert (shadow_call[2]["shadow"], shadow_call[2]["request_id"]) == ("1", "r1")
+    # Recorded under the shadow's own name, so the experiment report has a row for it.
+    assert shadow_call[2]["variant"] == "mirror"
     failed = metrics.shadows.labels("broken", "failed")._value.get()
     assert failed == 1
 
