@@ -6,13 +6,15 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 EXTRAS ?= router,inference,trainer,monitor,launcher,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format protos protos-check bench clean help
+.PHONY: setup test lint format protos protos-check bench demo up clean help
 
 help:
 	@echo "make setup   virtual environment .venv with every dependency (idempotent)"
 	@echo "make test    protos check + the test suite (installs first when needed)"
 	@echo "make lint    ruff check, ruff format --check, mypy --strict"
 	@echo "make protos  regenerate Python stubs from protos/"
+	@echo "make demo    the closed loop end to end (about 15 min); report in .loopline/demo/"
+	@echo "make up      the whole stack on this machine (loopline up) until Ctrl-C"
 	@echo "make bench   worker, router and language benchmarks; figures in bench/results/"
 	@echo "             (BENCH_ARGS=--package DIR for the worker, BENCH_ROUTER_ARGS for the router)"
 
@@ -50,6 +52,16 @@ bench: setup
 	$(BENCH_ENV) $(PY) -m bench.router $(BENCH_ROUTER_ARGS)
 	$(BENCH_ENV) $(PY) -m bench.language
 	$(BENCH_ENV) $(PY) -m bench.monitor
+
+# The closed loop end to end on embedded defaults (DEMO_ARGS=--profile quick for a short run);
+# the report is written to .loopline/demo/report.html.
+DEMO_ARGS ?=
+demo: setup
+	$(BENCH_ENV) $(VENV)/bin/loopline demo $(DEMO_ARGS)
+
+# The whole stack on this machine until Ctrl-C (settings: LOOPLINE_UP_*, docs/operations.md).
+up: setup
+	$(VENV)/bin/loopline up
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

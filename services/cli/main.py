@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from loopline.logging import configure_logging
-from services.cli import classify, experiments, models, monitor, serve, train, up
+from services.cli import classify, demo, experiments, models, monitor, serve, train, up
 from services.cli.common import out
 
 app = typer.Typer(
@@ -69,6 +69,7 @@ app.command(name="train", help=train.HELP)(train.train)
 app.command(name="classify")(classify.classify)
 app.command(name="feedback")(classify.feedback)
 app.command(name="up")(up.up)
+app.command(name="demo")(demo.demo)
 app.add_typer(experiments.app, name="experiments")
 app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")

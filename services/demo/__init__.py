@@ -1,0 +1,1 @@
+"""`loopline demo`: the closed loop end to end on one machine, with an HTML report."""
