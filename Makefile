@@ -35,7 +35,12 @@ protos: setup
 protos-check: setup
 	PYTHON=$(PY) scripts/protos.sh --check
 
-test: setup protos-check
+# tests/unit/test_compose.py checks docker-compose*.yml with `docker-compose config` (no engine).
+.PHONY: compose-tool
+compose-tool:
+	scripts/ensure_compose.sh
+
+test: setup protos-check compose-tool
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
