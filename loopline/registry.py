@@ -188,7 +188,13 @@ class Registry:
         # URI, not the one this Registry was built with.
         uri = self.client.get_model_version_download_uri(name, version)
         destination.mkdir(parents=True, exist_ok=True)
-        return Path(download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+        # The tracking URI too: an `mlflow-artifacts:/` URI (a server that serves artifacts) is
+        # resolved against it, not against the process-wide default.
+        return Path(
+            download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=self.tracking_uri
+            )
+        )
 
     def download_checkpoint(self, name: str, version: str, destination: Path) -> Path:
         """Fetch the training checkpoint (encoder, head, tokenizer) a version was exported from,
