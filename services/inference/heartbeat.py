@@ -14,9 +14,11 @@ Discovery contract (routers rely on exactly this):
   the heartbeat adds the rest.
 - A key that exists is a live worker; the key expiring (crash, partition) or being deleted
   (graceful `stop`) takes it out of rotation. `ttl` is a few intervals, so one late beat does not.
-- Routers list workers with `SCAN MATCH <prefix>*` and MGET (`loopline.workers.list_workers`, in
-  the shared package since a router never imports this service). There is no index set on
-  purpose: with expiry as the only liveness signal nothing can go stale in an index.
+- With the same write (one transaction) the key goes into the sorted set `<prefix>@index`,
+  scored by its expiry time in unix ms, and members whose expiry has passed are pruned. Routers
+  read the index, then MGET the keys (`loopline.workers.list_workers`, in the shared package
+  since a router never imports this service): the key's expiry stays the liveness signal, the
+  index only spares routers a SCAN of the whole keyspace.
 - Only models with `ready: true` may be routed to.
 
 A Redis outage is logged once and retried every interval; the heartbeat never raises into the
@@ -39,7 +41,7 @@ from redis.exceptions import RedisError
 
 from loopline.logging import get_logger
 from loopline.redis import connect
-from loopline.workers import DEFAULT_PREFIX, list_workers
+from loopline.workers import DEFAULT_PREFIX, index_key, list_workers
 
 __all__ = ["DEFAULT_PREFIX", "Heartbeat", "list_workers"]
 
@@ -68,6 +70,7 @@ class Heartbeat:
             redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
         )
         self.key = key_prefix + endpoint
+        self._index = index_key(key_prefix)
         self.endpoint = endpoint
         self._describe = describe
         self._ttl_ms = int(ttl * 1000)
@@ -97,8 +100,13 @@ class Heartbeat:
         except Exception:  # describe() is the worker's code; a bug there must not stop the loop
             log.exception("heartbeat describe() failed; skipping this beat")
             return False
+        now_ms = int(time.time() * 1000)
         try:
-            await self._client.set(self.key, value, px=self._ttl_ms)
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key, value, px=self._ttl_ms)
+                pipe.zadd(self._index, {self.key: now_ms + self._ttl_ms})
+                pipe.zremrangebyscore(self._index, "-inf", now_ms)
+                await pipe.execute()
         except _OUTAGE_ERRORS as err:
             self._note_failure(err)
             return False
@@ -117,7 +125,10 @@ class Heartbeat:
             await asyncio.wait({self._task})
             self._task = None
         try:
-            await self._client.delete(self.key)
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.key)
+                pipe.zrem(self._index, self.key)
+                await pipe.execute()
         except _OUTAGE_ERRORS as err:  # the TTL removes it soon anyway
             log.info(
                 "could not delete the heartbeat key; it will expire", extra={"error": repr(err)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ import pytest
 from redis.exceptions import RedisError
 
 from loopline.redis import connect
+from loopline.workers import index_key
 from services.inference.heartbeat import Heartbeat, list_workers
 
 if TYPE_CHECKING:
@@ -143,3 +145,34 @@ def test_a_failing_describe_skips_the_beat_without_raising(redis_url: str) -> No
 def test_interval_must_be_below_ttl() -> None:
     with pytest.raises(ValueError, match="below ttl"):
         Heartbeat("redis://127.0.0.1:1/0", endpoint="e:1", describe=dict, ttl=1.0, interval=2.0)
+
+
+def test_routers_read_the_index_not_the_keyspace(redis_url: str) -> None:
+    async def main() -> None:
+        client = connect(redis_url)
+        old = json.dumps({"endpoint": "10.0.0.7:8001", "models": []})
+        # A worker of an older release (a key, no index): found by SCAN while there is no index.
+        await client.set(f"{PREFIX}10.0.0.7:8001", old)
+        assert [w["endpoint"] for w in await list_workers(client, PREFIX)] == ["10.0.0.7:8001"]
+
+        crashed = heartbeat(redis_url, Worker(), "10.0.0.8:8001")
+        await crashed.beat()
+        live = heartbeat(redis_url, Worker(), "10.0.0.9:8001")
+        await live.beat()
+        # With an index, only what it names is read: the key-only worker is not (SCAN is gone).
+        listed = [w["endpoint"] for w in await list_workers(client, PREFIX)]
+        assert listed == ["10.0.0.8:8001", "10.0.0.9:8001"]
+
+        # A crash: the key expires and its index entry is no longer read, then pruned.
+        await client.delete(crashed.key)
+        assert [w["endpoint"] for w in await list_workers(client, PREFIX)] == ["10.0.0.9:8001"]
+        index = index_key(PREFIX)
+        await client.zadd(index, {crashed.key: 1})  # as if its expiry had passed long ago
+        await live.beat()
+        assert await client.zscore(index, crashed.key) is None
+        await live.stop()
+        assert await client.exists(index) == 0  # the last worker out leaves no index behind
+        await crashed.stop()
+        await client.aclose()
+
+    asyncio.run(main())
