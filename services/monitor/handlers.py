@@ -85,7 +85,9 @@ class References:
         folder.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
         uri = client.get_model_version_download_uri(model, version)
-        download_artifacts(artifact_uri=f"{uri}/reference.json", dst_path=str(folder))
+        download_artifacts(
+            artifact_uri=f"{uri}/reference.json", dst_path=str(folder), tracking_uri=self._uri
+        )
         return folder
 
     async def load(self, model: str, version: str) -> Reference:
@@ -99,6 +101,25 @@ class References:
             ) from None
         except Exception as err:  # MLflow raises its own types for a missing version
             raise NotFound("model version", f"{model}/{version}", str(err)[:200]) from None
+
+    async def trained_at(self, model: str, version: str) -> float | None:
+        """When a version was registered (unix seconds): traffic after it is traffic the version
+        was not trained on. None when the registry cannot say (logged)."""
+
+        def created() -> float:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=self._uri, registry_uri=self._uri)
+            return float(client.get_model_version(model, version).creation_timestamp) / 1000
+
+        try:
+            return await asyncio.to_thread(created)
+        except Exception as err:  # MLflow raises its own types for a missing version
+            log.warning(
+                "no registration time for a version; retraining takes all feedback",
+                extra={"model": model, "version": version, "error": repr(err)[:200]},
+            )
+            return None
 
     async def champion(self, model: str) -> str:
         from loopline.registry import Registry
@@ -298,8 +319,10 @@ class Checker:
                 written += alerts
                 for alert in alerts:
                     if alert.state == "firing" and alert.rule in ("drift", "accuracy_floor"):
+                        # Feedback since the version was trained: what it has not learnt yet.
+                        since = await self.views.references.trained_at(model, version)
                         await self.retrainer.trigger(
-                            model, alert.message, alert_id=alert.id, since=None
+                            model, alert.message, alert_id=alert.id, since=since
                         )
         if self.metrics is not None:
             firing = [a.rule for a in await self.book.firing()]

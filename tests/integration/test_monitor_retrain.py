@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from loopline.jobspec import parse_spec
 from loopline.redis import connect
 from services.monitor.alerts import AlertBook
+from services.monitor.handlers import References
 from services.monitor.retrain import Retrainer, derive_spec
+from tests.fixtures.mlflow_store import MlflowStore
+from tests.fixtures.packages import register_package
 
 BASE: dict[str, Any] = {
     "name": "placeholder",
@@ -77,3 +83,20 @@ def test_without_a_spec_or_trainer_nothing_is_submitted(redis_url: str) -> None:
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_triggered_job_takes_feedback_since_the_version_was_registered(
+    mlflow_store: MlflowStore, tiny_package: Path, tmp_path: Path
+) -> None:
+    before = time.time()
+    version = register_package(mlflow_store.tracking_uri, tiny_package, "drifting")
+    after = time.time()
+    references = References(mlflow_store.tracking_uri, tmp_path)
+
+    since = asyncio.run(references.trained_at("drifting", version))
+    assert since is not None
+    assert before - 1 <= since <= after + 1
+    spec = derive_spec({"name": "x", "data": [{"feedback": {}}]}, "drifting", since)
+    assert datetime.fromisoformat(spec["data"][0]["feedback"]["since"]).timestamp() == since
+    # A version the registry does not know: no narrowing rather than no retraining.
+    assert asyncio.run(references.trained_at("drifting", "99")) is None
