@@ -15,9 +15,11 @@ sentences (and, in the tests, a tiny random base model).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -346,6 +348,7 @@ class Demo:
             "RECOMMENDATION_"
         )
         self.figures.rationale = report.rationale
+        self._read_drift(monitor)  # the baseline: movie reviews, what v1 was trained on
         shares = ", ".join(
             f"{v.variant} {v.accuracy:.1%} [{v.ci_low:.1%}, {v.ci_high:.1%}] n={v.labelled}"
             for v in self.figures.variants
@@ -357,6 +360,34 @@ class Demo:
             f"recommendation: {self.figures.recommendation.lower().replace('_', ' ')}"
         )
 
+    def _follow(self, job_id: str) -> Any:
+        """Stream a job's events to the progress display; its final state."""
+        with grpc.insecure_channel(self.stack.endpoints.trainer) as channel:
+            stub = tpb_grpc.TrainerStub(channel)
+            job = stub.GetJob(tpb.GetJobRequest(id=job_id), timeout=30)
+            for event in stub.WatchJob(tpb.WatchJobRequest(id=job_id)):
+                self.stack.on_job_event(event)
+                if event.WhichOneof("event") == "job":
+                    job = event.job
+        return job
+
+    def _read_drift(self, monitor: mpb_grpc.MonitorStub) -> None:
+        """One GetDrift of v1 (the version serving everyone outside the experiment)."""
+        reading = monitor.GetDrift(
+            mpb.GetDriftRequest(model=common.ModelRef(name=self.settings.model, version=self.v1)),
+            timeout=60,
+        )
+        self.figures.drift.append(
+            DriftPoint(
+                t=self.now(),
+                version=self.v1,
+                samples=reading.samples,
+                drifted=reading.drifted,
+                scores={f.feature: f.value for f in reading.features},
+                thresholds={f.feature: f.threshold for f in reading.features},
+            )
+        )
+
     def drift(self) -> str:
         assert self.traffic is not None
         monitor = self._monitor()
@@ -366,34 +397,35 @@ class Demo:
             timeout=30,
         )
         self.figures.markers.append(Marker(self.now(), "traffic switches to Yelp"))
+        # A steady, moderate rate: the monitor's checks need CPU as much as the workers do.
         self.traffic.start(
-            self.yelp_traffic, self.profile.users, "drift", feedback_share=1.0, concurrency=3
+            self.yelp_traffic,
+            self.profile.users,
+            "drift",
+            feedback_share=1.0,
+            concurrency=2,
+            pause=0.02,
         )
         seen: set[tuple[str, int]] = set()
         job_id = ""
         since = time.time() - 1.0  # alerts of earlier runs (same Redis) are not this one's
+        readings = threading.Event()
+
+        def read_drift() -> None:  # the drift scores over time, beside the alert watch
+            while not readings.wait(2.0):
+                with contextlib.suppress(grpc.RpcError):
+                    self._read_drift(monitor)
+
+        reader = threading.Thread(target=read_drift, daemon=True)
+        reader.start()
 
         def watch() -> bool:
             nonlocal job_id
-            reading = monitor.GetDrift(
-                mpb.GetDriftRequest(model=common.ModelRef(name=name, version=self.v1)),
-                timeout=60,
-            )
-            self.figures.drift.append(
-                DriftPoint(
-                    t=self.now(),
-                    version=self.v1,
-                    samples=reading.samples,
-                    drifted=reading.drifted,
-                    scores={f.feature: f.value for f in reading.features},
-                    thresholds={f.feature: f.threshold for f in reading.features},
-                )
-            )
             alerts = monitor.ListAlerts(
                 mpb.ListAlertsRequest(filter=mpb.AlertFilter(model=common.ModelRef(name=name))),
                 timeout=30,
             ).alerts
-            for alert in alerts:
+            for alert in sorted(alerts, key=lambda a: a.time.ToNanoseconds()):
                 key = (alert.id, alert.state)
                 if key in seen or alert.time.ToSeconds() < since:
                     continue
@@ -406,17 +438,15 @@ class Demo:
                     job_id = alert.fields["job_id"]
             return bool(job_id)
 
-        _until("the drift alert and its retraining job", watch, timeout=300, every=2.0)
+        try:
+            _until("the drift alert and its retraining job", watch, timeout=300, every=1.0)
+        finally:
+            readings.set()
+            reader.join(timeout=90)
         # Enough labelled Yelp traffic is in; training should not compete with the traffic.
         self.traffic.stop()
         self.figures.markers.append(Marker(self.now(), "retraining starts"))
-        with grpc.insecure_channel(self.stack.endpoints.trainer) as channel:
-            stub = tpb_grpc.TrainerStub(channel)
-            job = stub.GetJob(tpb.GetJobRequest(id=job_id), timeout=30)
-            for event in stub.WatchJob(tpb.WatchJobRequest(id=job_id)):
-                self.stack.on_job_event(event)
-                if event.WhichOneof("event") == "job":
-                    job = event.job
+        job = self._follow(job_id)
         if not job.model.version:
             raise FailedPrecondition(f"demo: retraining job {job_id} failed: {job.error}")
         self.v3 = job.model.version
