@@ -55,6 +55,7 @@ BENCH_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 bench: setup
 	$(BENCH_ENV) $(PY) -m bench.inference $(BENCH_ARGS)
 	$(BENCH_ENV) $(PY) -m bench.router $(BENCH_ROUTER_ARGS)
+	$(BENCH_ENV) $(PY) -m bench.experiments
 	$(BENCH_ENV) $(PY) -m bench.language
 	$(BENCH_ENV) $(PY) -m bench.monitor
 

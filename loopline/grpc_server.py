@@ -117,8 +117,12 @@ class GrpcServer:
         on_shutdown: Sequence[ShutdownCallback] = (),
         metrics: RequestMetrics | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        step_timeout: float = 30.0,
     ) -> None:
         self.settings = settings
+        # A shutdown step (or grpc's own stop) that hangs must not keep the process alive until
+        # the orchestrator's SIGKILL: each gets this long, then is abandoned with an error log.
+        self.step_timeout = step_timeout
         self.name = name
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -203,9 +207,16 @@ class GrpcServer:
     async def _shutdown(self, grace: float) -> None:
         log.info("draining", extra={"service": self.name, "grace_seconds": grace})
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        try:
+            await asyncio.wait_for(self._server.stop(grace), grace + self.step_timeout)
+        except TimeoutError:
+            log.error(
+                "the gRPC server did not stop within its grace period; going on",
+                extra={"service": self.name, "grace_seconds": grace},
+            )
+        log.info("calls drained", extra={"service": self.name})
         for callback in self._on_shutdown:
-            await _run_callback(callback)
+            await _run_callback(callback, self.step_timeout)
         if self.metrics_port is not None:
             # shutdown() waits for the HTTP server's poll loop (up to 0.5 s): not on the event loop.
             await asyncio.to_thread(stop_metrics_server, self.metrics_port)
@@ -225,10 +236,15 @@ class GrpcServer:
         await self._server.wait_for_termination()
 
 
-async def _run_callback(callback: ShutdownCallback) -> None:
-    # One failing callback (a flush to a dead Redis) must not skip the others.
+async def _run_callback(callback: ShutdownCallback, timeout: float) -> None:
+    # One failing or hanging callback (a flush to a dead Redis) must not skip the others.
     try:
-        await callback()
+        await asyncio.wait_for(callback(), timeout)
+    except TimeoutError:
+        log.error(
+            "shutdown step did not finish in time; skipped",
+            extra={"callback": repr(callback), "timeout_seconds": timeout},
+        )
     except Exception:
         log.exception("shutdown callback failed", extra={"callback": repr(callback)})
 

@@ -307,3 +307,24 @@ def test_sigterm_finishes_in_flight_call_and_exits_zero(tmp_path: Path) -> None:
                 await process.wait()
 
     asyncio.run(main())
+
+
+def test_a_hanging_shutdown_step_is_abandoned_and_the_next_still_runs() -> None:
+    ran: list[str] = []
+
+    async def hangs() -> None:
+        ran.append("hangs")
+        await asyncio.Event().wait()  # e.g. a close on a connection that never answers
+
+    async def flush() -> None:
+        ran.append("flush")
+
+    async def main() -> None:
+        server = GrpcServer(
+            settings(), Echo().register, name="tiny", on_shutdown=[hangs, flush], step_timeout=0.2
+        )
+        await server.start()
+        await asyncio.wait_for(server.stop(grace=0), timeout=10)
+
+    asyncio.run(main())
+    assert ran == ["hangs", "flush"]
