@@ -219,7 +219,10 @@ class Stack:
         self.endpoints.monitor = f"127.0.0.1:{monitor_port}"
         fields = {"HOME": str(self.home / "monitor"), "TRAINER_ADDRESS": self.endpoints.trainer}
         if "LOOPLINE_MONITOR_RETRAIN_SPEC" not in self.environ:
-            fields["RETRAIN_SPEC"] = str(self._retrain_spec_file())
+            try:
+                fields["RETRAIN_SPEC"] = str(self._retrain_spec_file())
+            except FailedPrecondition as err:  # no text for its validation set: no triggers
+                self.say(f"alerts will not start retraining: {err.message}")
         self._start(self._service("monitor", "services.monitor", "monitor", monitor_port, fields))
 
     def _training_text(self) -> TrainingText:

@@ -108,3 +108,26 @@ def test_without_data_or_network_the_message_says_what_to_set(
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(FailedPrecondition, match="pip install datasets"):
         training_text(tmp_path / "home", None, count=3)
+
+
+def test_without_text_the_stack_still_starts_but_alerts_do_not_retrain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.launcher.settings import LauncherSettings
+    from services.launcher.stack import Stack
+    from services.launcher.supervisor import ChildSpec
+
+    _nowhere(monkeypatch)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    said: list[str] = []
+    started: list[ChildSpec] = []
+    stack = Stack(LauncherSettings(home=tmp_path), on_event=said.append, environ={})
+    monkeypatch.setattr(stack, "_start", started.append)
+
+    stack._trainer_and_monitor()
+
+    assert [spec.name for spec in started] == ["trainer", "monitor"]
+    monitor_env = started[1].env
+    assert "LOOPLINE_MONITOR_RETRAIN_SPEC" not in monitor_env
+    assert monitor_env["LOOPLINE_MONITOR_TRAINER_ADDRESS"] == "127.0.0.1:8002"
+    assert any("alerts will not start retraining" in line for line in said)
