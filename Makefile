@@ -13,7 +13,7 @@ help:
 	@echo "make test    protos check + the test suite (installs first when needed)"
 	@echo "make lint    ruff check, ruff format --check, mypy --strict"
 	@echo "make protos  regenerate Python stubs from protos/"
-	@echo "make demo    the closed loop end to end (about 15 min); report in .loopline/demo/"
+	@echo "make demo    the closed loop end to end (5-11 min here); report in .loopline/demo/"
 	@echo "make up      the whole stack on this machine (loopline up) until Ctrl-C"
 	@echo "make bench   worker, router and language benchmarks; figures in bench/results/"
 	@echo "             (BENCH_ARGS=--package DIR for the worker, BENCH_ROUTER_ARGS for the router)"

@@ -19,7 +19,7 @@ def demo(
     profile: Annotated[
         str,
         typer.Option(
-            help="full (all-MiniLM-L6-v2, about 15 min on 2 cores) or quick (fewer "
+            help="full (all-MiniLM-L6-v2, 5-11 min on 2 cores) or quick (fewer "
             "sentences; with --base-model a tiny model, what the tests run)."
         ),
     ] = "full",

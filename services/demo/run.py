@@ -71,7 +71,7 @@ class Profile:
 
 
 PROFILES = {
-    # About 15 minutes on 2 CPU cores with all-MiniLM-L6-v2 (training is most of it).
+    # 5 to 11 minutes on 2 CPU cores with all-MiniLM-L6-v2 (training is most of it).
     "full": Profile("full", 2000, 2000, 1, 64, 1000, 300, 300, 200, 200, 2.0),
     # Minutes with a tiny base model: what the end-to-end test runs.
     "quick": Profile("quick", 200, 200, 1, 32, 240, 60, 200, 60, 100, 1.0),
