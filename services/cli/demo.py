@@ -36,6 +36,7 @@ def demo(
     from loopline.settings import load_settings
     from services.demo.run import PROFILES, run_demo
     from services.launcher.settings import LauncherSettings
+    from services.launcher.supervisor import StartupError
 
     if profile not in PROFILES:
         raise InvalidInput(f"--profile {profile}: choose one of {', '.join(PROFILES)}")
@@ -57,12 +58,16 @@ def demo(
         redis_url=None,
         mlflow_uri=None,
     )
-    figures, report = run_demo(
-        settings,
-        chosen,
-        say=lambda text: console.print(escape(text), highlight=False),
-        on_job_event=_job_printer(),
-    )
+    try:
+        figures, report = run_demo(
+            settings,
+            chosen,
+            say=lambda text: console.print(escape(text), highlight=False),
+            on_job_event=_job_printer(),
+        )
+    except StartupError as err:  # a service that would not start: its log says why
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
     out.print(
         f"demo finished in {figures.seconds / 60:.1f} min: {len(figures.requests)} requests, "
         f"{figures.failed} failed; report: {report}",

@@ -60,6 +60,7 @@ def up(
     from loopline.settings import load_settings
     from services.launcher.settings import LauncherSettings
     from services.launcher.stack import Stack
+    from services.launcher.supervisor import StartupError
 
     overrides = {k: v for k, v in {"home": home, "model": model}.items() if v is not None}
     settings = load_settings(LauncherSettings, **overrides)
@@ -74,6 +75,9 @@ def up(
     except KeyboardInterrupt:
         console.print("interrupted; everything that started was stopped")
         raise typer.Exit(130) from None
+    except StartupError as err:  # a service that would not start: its log says why
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

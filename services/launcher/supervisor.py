@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Child", "ChildSpec", "Supervisor", "grpc_serving"]
+__all__ = ["Child", "ChildSpec", "StartupError", "Supervisor", "grpc_serving"]
 
 PR_SET_PDEATHSIG = 1
 

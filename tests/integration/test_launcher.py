@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -229,3 +230,31 @@ def test_loopline_up_trains_a_champion_serves_restarts_and_stops_cleanly(
         for process in _descendants(up.pid):
             process.kill()
         log.close()
+
+
+def test_a_service_that_cannot_start_ends_loopline_up_with_its_log(tmp_path: Path) -> None:
+    taken = free_port()
+    env = {
+        **os.environ,
+        "LOOPLINE_UP_HOME": str(tmp_path / "stack"),
+        "LOOPLINE_UP_REDIS_PORT": "0",
+        "LOOPLINE_UP_TRAINER_PORT": str(taken),
+        "LOOPLINE_UP_MONITOR_PORT": "0",
+        "LOOPLINE_UP_START_TIMEOUT_SECONDS": "60",
+    }
+    with socket.socket() as holder:  # the trainer's port is in use
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "up"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "error: trainer exited with code" in done.stderr
+    assert "address already in use" in done.stderr.lower() or "in use" in done.stderr
+    # One red line and the trainer's own log, not the launcher's traceback.
+    assert "StartupError" not in done.stderr
