@@ -61,8 +61,13 @@ def padded_width(longest: int) -> int:
 
 
 def pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad to the longest row, rounded up to a multiple of 8 (SIMD and tensor-core friendly)."""
-    width = padded_width(max((len(row) for row in ids), default=0))
+    """Pad to the longest row, rounded up to a multiple of 8 (SIMD and tensor-core friendly).
+
+    A single row keeps its own length: it has no other row to align with, and the rounding only
+    adds work (measured on the MiniLM static int8 package, 500 validation texts one at a time,
+    interleaved: 1.9 ms p50 at the exact length, 2.4-2.6 ms rounded up to a multiple of 8)."""
+    longest = max((len(row) for row in ids), default=0)
+    width = max(1, longest) if len(ids) == 1 else padded_width(longest)
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
     for row, seq in enumerate(ids):

@@ -234,6 +234,13 @@ def test_collate_pads_to_a_multiple_of_eight_with_a_mask() -> None:
     assert (ids[mask == 0] == 0).all()
 
 
+def test_a_lone_row_keeps_its_own_length() -> None:
+    ids, mask = collate([[5, 6, 7]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7]]
+    assert mask.tolist() == [[1, 1, 1]]
+    assert collate([[]], pad_id=9)[0].tolist() == [[9]]  # never a zero width
+
+
 def test_collate_uses_the_pad_id_and_never_a_zero_width() -> None:
     ids, mask = collate([[], [4]], pad_id=99)
     assert ids.shape == (2, 8)
