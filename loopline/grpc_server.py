@@ -25,26 +25,37 @@ import asyncio
 import contextlib
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+import sys
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loopline.errors import ErrorInterceptor
-from loopline.logging import get_logger
+from loopline.errors import ErrorInterceptor, LooplineError
+from loopline.logging import configure_logging, get_logger
 from loopline.metrics import (
     RequestMetrics,
     request_metrics,
     start_metrics_server,
     stop_metrics_server,
 )
-from loopline.settings import ServiceSettings, env_var_name
+from loopline.settings import ServiceSettings, SettingsError, env_var_name, load_settings
 
 __all__ = [
     "GrpcServer",
     "Register",
     "ShutdownCallback",
+    "run_service",
     "running",
     "serve",
     "server_credentials",
@@ -52,6 +63,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+S = TypeVar("S", bound=ServiceSettings)
 
 Register = Callable[[grpc.aio.Server], Iterable[str]]
 ShutdownCallback = Callable[[], Awaitable[None]]
@@ -324,3 +337,31 @@ async def running(
         yield server
     finally:
         await server.stop(grace=0)
+
+
+def run_service(
+    settings_cls: type[S], serve_with: Callable[[S], Coroutine[Any, Any, None]], **overrides: Any
+) -> None:
+    """Every service's `main()`: settings, logging, then `serve_with(settings)` until SIGTERM.
+
+    What an operator can fix ends the process with one line instead of a traceback: bad
+    settings (one line per variable) and a refused start such as an unknown model source exit 2,
+    a port in use or unusable TLS files (`RuntimeError` from `GrpcServer.start`) exit 1.
+    """
+    try:
+        settings = load_settings(settings_cls, **overrides)
+    except SettingsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, json=settings.log_json)
+    try:
+        asyncio.run(serve_with(settings))
+    except LooplineError as err:
+        log.error("failed to start: %s", err.message, extra={"details": err.details})
+        raise SystemExit(2) from None
+    except SettingsError as err:  # settings built inside the service, e.g. discovery sources
+        log.error("failed to start: %s", err)
+        raise SystemExit(2) from None
+    except RuntimeError as err:
+        log.error("failed to start: %s", err)
+        raise SystemExit(1) from None

@@ -21,11 +21,8 @@ from typing import Any
 
 import grpc
 
-from loopline.errors import LooplineError
-from loopline.logging import configure_logging
 from loopline.package import Manifest
 from loopline.runtime import Tokens
-from loopline.settings import load_settings
 from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -280,12 +277,7 @@ def record_ids(request_id: str, listed: str, count: int) -> list[str]:
 
 
 def main(**overrides: Any) -> None:
-    """Settings from LOOPLINE_INFERENCE_* (and the shared LOOPLINE_*); overrides win."""
-    settings = load_settings(InferenceSettings, **overrides)
-    configure_logging(settings.log_level, json=settings.log_json)
-    try:
-        asyncio.run(serve(settings))
-    except LooplineError as err:
-        # One line an operator can act on (a bad source, a missing alias), not a traceback.
-        log.error("worker failed to start: %s", err.message, extra={"details": err.details})
-        raise SystemExit(2) from None
+    """Run until SIGTERM; settings from the environment, `overrides` win (see `run_service`)."""
+    from loopline.grpc_server import run_service
+
+    run_service(InferenceSettings, serve, **overrides)

@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import http.server
-import sys
 import threading
 from typing import Any
 
 import grpc
 
 from loopline.auth import TokenAuth
-from loopline.grpc_server import GrpcServer
-from loopline.logging import configure_logging, get_logger
+from loopline.grpc_server import GrpcServer, run_service
+from loopline.logging import get_logger
 from loopline.redis import connect
-from loopline.settings import SettingsError, load_settings
 from loopline.v1 import monitor_pb2_grpc as pb_grpc
 from services.monitor.alerts import AlertBook, Rules
 from services.monitor.consumer import Consumer
@@ -145,14 +143,8 @@ def serve_reports(port: int, folder: Any) -> None:
 
 
 def main(**overrides: Any) -> None:
-    """Run a monitor until SIGTERM; bad settings exit 2."""
-    try:
-        settings = load_settings(MonitorSettings, **overrides)
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(_serve(settings))
+    """Run until SIGTERM; settings from the environment, `overrides` win (see `run_service`)."""
+    run_service(MonitorSettings, _serve, **overrides)
 
 
 async def _serve(settings: MonitorSettings) -> None:

@@ -9,19 +9,16 @@ the experiment cache and discovery, close channels and Redis.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import sys
 from typing import Any
 
 import grpc
 
 from loopline.auth import TokenAuth
 from loopline.errors import LooplineError, NotReady
-from loopline.grpc_server import GrpcServer
-from loopline.logging import configure_logging, get_logger
+from loopline.grpc_server import GrpcServer, run_service
+from loopline.logging import get_logger
 from loopline.redis import connect
-from loopline.settings import SettingsError, load_settings
+from loopline.settings import SettingsError
 from loopline.v1 import router_pb2_grpc as pb_grpc
 from services.router.balancer import Balancer
 from services.router.discovery import (
@@ -184,21 +181,8 @@ class RouterService:
 
 
 def main(**overrides: Any) -> None:
-    """Run a router until SIGTERM; bad settings exit 2 with one line per problem."""
-    try:
-        settings = load_settings(RouterSettings, **overrides)
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level, json=settings.log_json)
-    try:
-        asyncio.run(_serve(settings))
-    except (SettingsError, LooplineError, ValueError) as err:  # e.g. bad language routes
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RuntimeError as err:  # a busy port or unusable TLS files
-        logging.getLogger(__name__).error("%s", err)
-        raise SystemExit(1) from None
+    """Run until SIGTERM; settings from the environment, `overrides` win (see `run_service`)."""
+    run_service(RouterSettings, _serve, **overrides)
 
 
 async def _serve(settings: RouterSettings) -> None:

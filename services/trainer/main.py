@@ -7,16 +7,13 @@ a job that was running is marked interrupted with its last progress.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from typing import Any
 
 import grpc
 
 from loopline.auth import TokenAuth
-from loopline.grpc_server import GrpcServer
-from loopline.logging import configure_logging, get_logger
-from loopline.settings import SettingsError, load_settings
+from loopline.grpc_server import GrpcServer, run_service
+from loopline.logging import get_logger
 from loopline.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer.jobs import JobStore
 from services.trainer.runner import JobRunner
@@ -71,14 +68,8 @@ class TrainerService:
 
 
 def main(**overrides: Any) -> None:
-    """Run a trainer until SIGTERM; bad settings exit 2."""
-    try:
-        settings = load_settings(TrainerSettings, **overrides)
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(_serve(settings))
+    """Run until SIGTERM; settings from the environment, `overrides` win (see `run_service`)."""
+    run_service(TrainerSettings, _serve, **overrides)
 
 
 async def _serve(settings: TrainerSettings) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -328,3 +329,32 @@ def test_a_hanging_shutdown_step_is_abandoned_and_the_next_still_runs() -> None:
 
     asyncio.run(main())
     assert ran == ["hangs", "flush"]
+
+
+@pytest.mark.parametrize("module", ["services.trainer", "services.monitor", "services.router"])
+def test_a_service_that_cannot_start_says_why_in_one_line(module: str, tmp_path: Path) -> None:
+    prefix = "LOOPLINE_" + module.rsplit(".", 1)[1].upper() + "_"
+    base = {**os.environ, "LOOPLINE_REDIS_URL": "redis://127.0.0.1:1/0", "HOME": str(tmp_path)}
+
+    def start(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", module],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    bad = start(**{prefix + "PORT": "http"})
+    assert bad.returncode == 2
+    assert f"{prefix}PORT" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = start(**{prefix + "PORT": str(holder.getsockname()[1])})
+    assert busy.returncode == 1
+    assert "failed to start" in busy.stdout + busy.stderr
+    assert "Traceback" not in busy.stdout + busy.stderr
