@@ -225,6 +225,9 @@ class Consumer:
                 except RedisError:  # e.g. OOM: the batch stays pending and is retried
                     self._log.exception("reading or folding a batch failed; retrying it")
                     await self._pause()
+                except Exception:  # a bug must not end consumption unnoticed: log, retry
+                    self._log.exception("consuming a batch failed; its entries stay pending")
+                    await self._pause()
         finally:
             await self._client.aclose()
             self._log.info("monitor consumer stopped", extra=asdict(self.stats))

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loopline.errors import InvalidInput
 from loopline.package import read_reference
 
 PREDICTED_LABEL = "predicted_label"
@@ -373,7 +374,9 @@ def _select(features: Sequence[str] | None) -> list[str]:
     chosen = list(FEATURES) if not features else list(dict.fromkeys(features))
     unknown = sorted(set(chosen) - set(FEATURES))
     if unknown:
-        raise ValueError(f"unknown drift features {unknown}; known: {list(FEATURES)}")
+        raise InvalidInput(
+            f"unknown drift features {unknown}; known: {list(FEATURES)}", field="features"
+        )
     return chosen
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from loopline.errors import FailedPrecondition
+from loopline.jobspec import parse_spec
 from loopline.logging import get_logger
 from services.monitor.alerts import RESOLVED, Alert, AlertBook
 
@@ -91,6 +92,17 @@ class Retrainer:
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise FailedPrecondition(f"retraining spec {path} is not a mapping of fields")
+        parse_spec({**data, "name": data.get("name") or "model"})  # fails at start, not at alert
+        # Relative data paths are relative to the spec file, not to the trainer's directory.
+        sources = [*data.get("data", []), data.get("validation")]
+        for source in sources:
+            file = source.get("file") if isinstance(source, dict) else None
+            if isinstance(file, str):
+                source["file"] = file = {"path": file}
+            if isinstance(file, dict) and not Path(file["path"]).is_absolute():
+                file["path"] = str((path.parent / file["path"]).resolve())
+        if isinstance(data.get("validation"), str) and not Path(data["validation"]).is_absolute():
+            data["validation"] = str((path.parent / data["validation"]).resolve())
         return data
 
     async def trigger(
@@ -119,7 +131,13 @@ class Retrainer:
             return await self._keep(model, reason, alert_id, "", why, chosen)
         key = f"monitor-{model}-{alert_id}" if alert_id else f"monitor-{model}-{int(time.time())}"
         chosen.setdefault("tags", {}).update({"trigger": reason[:250], "alert_id": alert_id})
-        job_id = await self._submit(chosen, key)
+        try:
+            job_id = await self._submit(chosen, key)
+        except Exception as err:  # the trainer refused or is down: free the cooldown, say why
+            await self._client.delete(self._cooldown_prefix + model)
+            why = f"submitting failed: {getattr(err, 'message', None) or err!r}"[:500]
+            log.warning("retraining not submitted", extra={"model": model, "why": why})
+            return await self._keep(model, reason, alert_id, "", why, chosen)
         log.info("retraining submitted", extra={"model": model, "job_id": job_id})
         return await self._keep(model, reason, alert_id, job_id, "", chosen)
 

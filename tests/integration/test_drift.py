@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from loopline.errors import InvalidInput
 from loopline.package import Sketch
 from loopline.runtime import PackageRunner
 from services.monitor.drift import (
@@ -136,7 +137,7 @@ def test_features_subset_config_and_validation(built_reference: Reference) -> No
     assert only.drifted  # with one feature checked, that one decides
     stricter = DriftConfig(min_drifted_features=1)
     assert check_drift(built_reference, live, config=stricter).drifted
-    with pytest.raises(ValueError, match="unknown drift features"):
+    with pytest.raises(InvalidInput, match="unknown drift features"):
         check_drift(built_reference, live, features=["colour"])
     with pytest.raises(ValueError, match="drift method"):
         FeatureTest("ks", 0.05)

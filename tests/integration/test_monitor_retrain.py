@@ -8,6 +8,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from loopline.errors import InvalidInput
 from loopline.jobspec import parse_spec
 from loopline.redis import connect
 from services.monitor.alerts import AlertBook
@@ -100,3 +103,42 @@ def test_a_triggered_job_takes_feedback_since_the_version_was_registered(
     assert datetime.fromisoformat(spec["data"][0]["feedback"]["since"]).timestamp() == since
     # A version the registry does not know: no narrowing rather than no retraining.
     assert asyncio.run(references.trained_at("drifting", "99")) is None
+
+
+def test_a_refused_submit_is_recorded_and_frees_the_cooldown(redis_url: str) -> None:
+    calls: list[str] = []
+
+    async def submit(spec: dict[str, Any], key: str) -> str:
+        calls.append(key)
+        if len(calls) == 1:
+            raise ConnectionError("trainer unreachable")
+        return "job-2"
+
+    async def scenario() -> None:
+        client = connect(redis_url)
+        retrainer = Retrainer(client, submit, BASE, cooldown_seconds=3600)
+        failed = await retrainer.trigger("sentiment", "drift", alert_id="1-0")
+        assert not failed.submitted
+        assert "trainer unreachable" in failed.why_not
+        retried = await retrainer.trigger("sentiment", "drift", alert_id="2-0")
+        assert (retried.submitted, retried.job_id) == (True, "job-2")  # no cooldown held
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_spec_file_is_checked_and_its_paths_are_relative_to_it(tmp_path: Path) -> None:
+    spec = tmp_path / "specs" / "retrain.yaml"
+    spec.parent.mkdir()
+    spec.write_text(
+        "name: sentiment\ndata:\n  - file: ../data/train.jsonl\n  - feedback: {mix_ratio: 0.3}\n"
+        "validation: ../data/validation.jsonl\n"
+    )
+    loaded = Retrainer.load_spec(spec)
+    assert loaded is not None
+    assert loaded["data"][0]["file"]["path"] == str(tmp_path / "data" / "train.jsonl")
+    assert loaded["validation"] == str(tmp_path / "data" / "validation.jsonl")
+
+    spec.write_text("name: sentiment\ndata: []\n")
+    with pytest.raises(InvalidInput, match="data"):
+        Retrainer.load_spec(spec)
