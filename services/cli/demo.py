@@ -32,6 +32,8 @@ def demo(
 ) -> None:
     """Train v1 and v2, A/B test them with a shadow arm, drift to Yelp text, retrain on
     feedback behind the gate, promote and roll back under traffic, and write an HTML report."""
+    import grpc
+
     from loopline.errors import InvalidInput
     from loopline.settings import load_settings
     from services.demo.run import PROFILES, run_demo
@@ -65,7 +67,7 @@ def demo(
             say=lambda text: console.print(escape(text), highlight=False),
             on_job_event=_job_printer(),
         )
-    except StartupError as err:  # a service that would not start: its log says why
+    except (StartupError, grpc.RpcError) as err:  # a service that would not start or answer
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from None
     out.print(

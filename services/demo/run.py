@@ -35,7 +35,6 @@ from loopline.v1 import common_pb2 as common
 from loopline.v1 import monitor_pb2 as mpb
 from loopline.v1 import monitor_pb2_grpc as mpb_grpc
 from loopline.v1 import router_pb2 as rpb
-from loopline.v1 import trainer_pb2 as tpb
 from loopline.v1 import trainer_pb2_grpc as tpb_grpc
 from services.demo.figures import (
     AlertEvent,
@@ -46,7 +45,7 @@ from services.demo.figures import (
     VariantFigures,
 )
 from services.demo.traffic import Example, Traffic
-from services.launcher.champion import find_data_dir
+from services.launcher.champion import find_data_dir, follow_job, rpc_failure
 from services.launcher.settings import LauncherSettings
 from services.launcher.stack import Stack
 
@@ -203,7 +202,7 @@ class Demo:
         # this one's figures. The registry (v1 to reuse) and the trainer's jobs stay.
         shutil.rmtree(self.home / "redis", ignore_errors=True)
         endpoints = self.stack.up()
-        self.traffic = Traffic(endpoints.router, self.start)
+        self.traffic = Traffic(endpoints.router, self.start, self.stack.metadata)
         self.v1 = self._registry().alias_version(self.settings.model, "champion") or ""
         self._describe(self.v1, "v1: the first champion")
         return f"{self.settings.model} v{self.v1} is the champion; router at {endpoints.router}"
@@ -278,7 +277,9 @@ class Demo:
         )
         assert self.traffic is not None
         created = self.traffic.stub.CreateExperiment(
-            rpb.CreateExperimentRequest(experiment=experiment), timeout=240
+            rpb.CreateExperimentRequest(experiment=experiment),
+            metadata=self.stack.metadata,
+            timeout=240,
         )
         self.experiment_id = created.id
         probe = rpb.ClassifyRequest(text="probe", user_id="probe")
@@ -286,7 +287,10 @@ class Demo:
             "the router to apply the experiment",
             lambda: (
                 self.traffic is not None
-                and self.traffic.stub.Classify(probe, timeout=30).experiment_id == created.id
+                and self.traffic.stub.Classify(
+                    probe, metadata=self.stack.metadata, timeout=30
+                ).experiment_id
+                == created.id
             ),
             timeout=10,
             every=0.1,
@@ -364,12 +368,10 @@ class Demo:
         """Stream a job's events to the progress display; its final state."""
         with grpc.insecure_channel(self.stack.endpoints.trainer) as channel:
             stub = tpb_grpc.TrainerStub(channel)
-            job = stub.GetJob(tpb.GetJobRequest(id=job_id), timeout=30)
-            for event in stub.WatchJob(tpb.WatchJobRequest(id=job_id)):
-                self.stack.on_job_event(event)
-                if event.WhichOneof("event") == "job":
-                    job = event.job
-        return job
+            try:
+                return follow_job(stub, job_id, self.stack.on_job_event, self.stack.metadata)
+            except grpc.RpcError as err:
+                raise rpc_failure(err, f"following job {job_id}") from None
 
     def _read_drift(self, monitor: mpb_grpc.MonitorStub) -> None:
         """One GetDrift of v1 (the version serving everyone outside the experiment)."""
@@ -394,6 +396,7 @@ class Demo:
         name = self.settings.model
         self.traffic.stub.StopExperiment(
             rpb.StopExperimentRequest(id=self.experiment_id, reason="demo: moving on to drift"),
+            metadata=self.stack.metadata,
             timeout=30,
         )
         self.figures.markers.append(Marker(self.now(), "traffic switches to Yelp"))
@@ -516,11 +519,7 @@ def run_demo(
     finally:
         say("stopping the stack ...")
         demo.stack.down()
-    started = time.monotonic()
-    render_report(demo.figures, report)
-    demo.figures.steps.append(
-        StepResult(6, "HTML report", round(time.monotonic() - started, 1), str(report))
-    )
+    demo.figures.steps.append(StepResult(6, "HTML report", 0.0, str(report)))
     render_report(demo.figures, report)
     if failure is not None:
         raise failure

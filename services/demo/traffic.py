@@ -29,8 +29,15 @@ class Example:
 class Traffic:
     """Shared by every phase of one demo: one channel, one list of samples, one clock."""
 
-    def __init__(self, router: str, clock_start: float, seed: int = 7) -> None:
+    def __init__(
+        self,
+        router: str,
+        clock_start: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+        seed: int = 7,
+    ) -> None:
         self.channel = grpc.insecure_channel(router)
+        self.metadata = metadata
         self.stub = pb_grpc.RouterStub(self.channel)
         self.clock_start = clock_start
         self.samples: list[RequestSample] = []
@@ -55,6 +62,7 @@ class Traffic:
         try:
             answer = self.stub.Classify(
                 pb.ClassifyRequest(text=example.text, user_id=user, request_id=request_id),
+                metadata=self.metadata,
                 timeout=30,
             )
         except grpc.RpcError as err:
@@ -84,6 +92,7 @@ class Traffic:
         try:
             self.stub.Feedback(
                 pb.FeedbackRequest(request_id=request_id, label=label, user_id=user, source="demo"),
+                metadata=self.metadata,
                 timeout=10,
             )
             with self._lock:

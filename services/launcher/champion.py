@@ -8,23 +8,28 @@ neither, the error says what to do instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from loopline.errors import FailedPrecondition
+from loopline.errors import KIND_BY_STATUS, ErrorKind, FailedPrecondition, LooplineError
 
 __all__ = [
     "TrainingText",
+    "admin_metadata",
     "champion_spec",
     "find_data_dir",
+    "follow_job",
     "retrain_spec",
+    "rpc_failure",
+    "submit_and_follow",
     "training_text",
     "write_subset",
 ]
 
 MOVIES = Path("movie_reviews")
 REPOSITORY = Path(__file__).resolve().parents[2]
+Metadata = tuple[tuple[str, str], ...]
 
 
 def find_data_dir(explicit: Path | None) -> Path | None:
@@ -151,10 +156,43 @@ def retrain_spec(
     }
 
 
-def submit_and_follow(
-    trainer: str, spec: dict[str, Any], key: str, on_event: Callable[[Any], None]
+def admin_metadata(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The bearer token the stack's services were started with (`LOOPLINE_ADMIN_TOKEN`)."""
+    token = environ.get("LOOPLINE_ADMIN_TOKEN", "")
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def rpc_failure(err: Any, what: str) -> LooplineError:
+    """A failed call to one of the stack's services as an error the CLI reports in one line."""
+    code = err.code()
+    return LooplineError(
+        f"{what}: {code.name} {err.details() or ''}".rstrip(),
+        kind=KIND_BY_STATUS.get(code, ErrorKind.INTERNAL),
+    )
+
+
+def follow_job(
+    stub: Any, job_id: str, on_event: Callable[[Any], None], metadata: Metadata = ()
 ) -> Any:
-    """Submit `spec` to the trainer at `trainer` and stream its events; the final Job."""
+    """Stream a job's events to `on_event`; its final state."""
+    from loopline.v1 import trainer_pb2 as pb
+
+    job = stub.GetJob(pb.GetJobRequest(id=job_id), metadata=metadata, timeout=30)
+    for event in stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=metadata):
+        on_event(event)
+        if event.WhichOneof("event") == "job":
+            job = event.job
+    return job
+
+
+def submit_and_follow(
+    trainer: str,
+    spec: dict[str, Any],
+    key: str,
+    on_event: Callable[[Any], None],
+    metadata: Metadata = (),
+) -> Any:
+    """Submit `spec` to the trainer at `trainer` and follow it; the final Job."""
     import grpc
 
     from loopline.jobspec import parse_spec, spec_pb
@@ -164,10 +202,10 @@ def submit_and_follow(
     message = spec_pb(parse_spec(spec))
     with grpc.insecure_channel(trainer) as channel:
         stub = pb_grpc.TrainerStub(channel)
-        job = stub.SubmitJob(pb.SubmitJobRequest(spec=message, request_id=key), timeout=30)
-        final = job
-        for event in stub.WatchJob(pb.WatchJobRequest(id=job.id)):
-            on_event(event)
-            if event.WhichOneof("event") == "job":
-                final = event.job
-    return final
+        try:
+            job = stub.SubmitJob(
+                pb.SubmitJobRequest(spec=message, request_id=key), metadata=metadata, timeout=30
+            )
+            return follow_job(stub, job.id, on_event, metadata)
+        except grpc.RpcError as err:
+            raise rpc_failure(err, f"training job on {trainer}") from None

@@ -28,6 +28,7 @@ import yaml
 from loopline.errors import FailedPrecondition
 from services.launcher.champion import (
     TrainingText,
+    admin_metadata,
     champion_spec,
     retrain_spec,
     submit_and_follow,
@@ -111,6 +112,8 @@ class Stack:
         mlflow_uri = settings.mlflow_uri or f"sqlite:///{self.home / 'mlflow.db'}"
         self.endpoints = Endpoints(redis_url=settings.redis_url or "", mlflow_uri=mlflow_uri)
         self.text: TrainingText | None = None
+        # The services inherit LOOPLINE_ADMIN_TOKEN; the launcher's own admin calls carry it.
+        self.metadata = admin_metadata(self.environ)
 
     # ----- environment -----
 
@@ -252,14 +255,13 @@ class Stack:
         from loopline.registry import Registry
 
         registry = Registry(self.endpoints.mlflow_uri)
-        try:
-            return registry.alias_version(self.settings.model, "champion") is not None
-        except Exception:  # no such registered model yet
-            return False
+        return registry.alias_version(self.settings.model, "champion") is not None
 
     def train(self, spec: dict[str, Any], key: str) -> Any:
         """Run a job on the stack's trainer and follow it; the final Job (any state)."""
-        return submit_and_follow(self.endpoints.trainer, spec, key, self.on_job_event)
+        return submit_and_follow(
+            self.endpoints.trainer, spec, key, self.on_job_event, self.metadata
+        )
 
     def _ensure_champion(self) -> None:
         if self.has_champion():

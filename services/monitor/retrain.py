@@ -92,7 +92,7 @@ class Retrainer:
         data = yaml.safe_load(path.read_text())
         if not isinstance(data, dict):
             raise FailedPrecondition(f"retraining spec {path} is not a mapping of fields")
-        parse_spec({**data, "name": data.get("name") or "model"})  # fails at start, not at alert
+        parse_spec(derive_spec(data, str(data.get("name") or "model"), None))  # at start, not alert
         # Relative data paths are relative to the spec file, not to the trainer's directory.
         sources = [*data.get("data", []), data.get("validation")]
         for source in sources:

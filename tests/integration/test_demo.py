@@ -26,6 +26,7 @@ def test_the_quick_demo_runs_the_loop_and_writes_its_report(
 ) -> None:
     home = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["LOOPLINE_ADMIN_TOKEN"] = "demo-admin-token"  # every admin call must carry it
     for name in ("LOOPLINE_REDIS_URL", "LOOPLINE_MLFLOW_URI"):
         env.pop(name, None)
     command = [sys.executable, "-m", "services.cli.main", "demo", "--profile", "quick"]
