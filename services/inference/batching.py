@@ -256,7 +256,7 @@ def _efficiency(real: int, rows: int, longest: int, overhead_tokens: int) -> flo
     """
     if overhead_tokens <= 0:
         return 1.0
-    return real / (rows * padded_width(longest) + overhead_tokens)
+    return real / (rows * padded_width(longest, rows) + overhead_tokens)
 
 
 @dataclass(eq=False)

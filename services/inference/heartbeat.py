@@ -124,11 +124,10 @@ class Heartbeat:
             self._task.cancel()
             await asyncio.wait({self._task})
             self._task = None
+        # The key only: its index entry expires with its score and is pruned by the next beat.
+        # Removing it could empty the index, and routers fall back to SCAN when it is gone.
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.delete(self.key)
-                pipe.zrem(self._index, self.key)
-                await pipe.execute()
+            await self._client.delete(self.key)
         except _OUTAGE_ERRORS as err:  # the TTL removes it soon anyway
             log.info(
                 "could not delete the heartbeat key; it will expire", extra={"error": repr(err)}

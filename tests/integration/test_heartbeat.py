@@ -171,7 +171,11 @@ def test_routers_read_the_index_not_the_keyspace(redis_url: str) -> None:
         await live.beat()
         assert await client.zscore(index, crashed.key) is None
         await live.stop()
-        assert await client.exists(index) == 0  # the last worker out leaves no index behind
+        assert await list_workers(client, PREFIX) == []
+        # The last worker out leaves the index, so routers never fall back to a SCAN.
+        assert await client.exists(index) == 1
+        await client.set(f"{PREFIX}10.0.0.7:8001", old)  # still a key-only stray: not read
+        assert await list_workers(client, PREFIX) == []
         await crashed.stop()
         await client.aclose()
 

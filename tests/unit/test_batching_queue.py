@@ -251,6 +251,8 @@ def test_collate_uses_the_pad_id_and_never_a_zero_width() -> None:
 @pytest.mark.parametrize(("longest", "width"), [(0, 8), (1, 8), (8, 8), (9, 16), (128, 128)])
 def test_padded_width(longest: int, width: int) -> None:
     assert padded_width(longest) == width
+    assert padded_width(longest, rows=3) == width
+    assert padded_width(longest, rows=1) == max(1, longest)  # a lone row is not rounded up
 
 
 def test_a_batch_stops_where_longer_candidates_would_cost_more_padding_than_they_save(
