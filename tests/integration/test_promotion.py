@@ -33,9 +33,9 @@ pytestmark = pytest.mark.slow
 
 NAME = "tiny"
 TEXTS = [row["text"] for row in sentences(80, seed=7)]
-# Identical graphs measured interleaved agree within ~10% here, but a shared 2-core machine can
-# have worse moments; the latency rule itself is unit tested, and a test below trips it on purpose.
-LENIENT = Gate(max_latency_factor=2.0)
+# These tests are about accuracy and alias moves, not speed: the latency rule is unit tested
+# (test_promotion_decision.py), and a test below trips it on purpose with a factor of 0.01.
+LENIENT = Gate(max_latency_factor=1000.0)
 
 
 @pytest.fixture(scope="module")

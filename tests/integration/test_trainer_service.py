@@ -296,6 +296,7 @@ def test_loopline_train_wait_follows_the_job_and_exits_with_its_outcome(
     stack: Stack, tmp_path: Path
 ) -> None:
     from services.cli.main import app
+    from services.cli.router_client import EXIT_BY_STATUS
 
     spec_file = tmp_path / "retrain.yaml"
     spec_file.write_text(
@@ -316,5 +317,8 @@ def test_loopline_train_wait_follows_the_job_and_exits_with_its_outcome(
     assert result.exit_code == 0, result.output
     assert "succeeded: tiny version" in result.output
 
-    bad = CliRunner().invoke(app, ["train", "--spec", str(spec_file), "--wait"])
-    assert bad.exit_code != 0  # no token (and maybe no trainer on the default port)
+    bad = CliRunner().invoke(
+        app, [*args, "--token", ""], env={"LOOPLINE_ADMIN_TOKEN": ""}
+    )  # the right trainer, no token: refused, and the message says so
+    assert bad.exit_code == EXIT_BY_STATUS["UNAUTHENTICATED"], bad.output
+    assert "token" in bad.output.lower()
