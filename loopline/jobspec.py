@@ -39,6 +39,7 @@ __all__ = [
     "parse_spec",
     "spec_dict",
     "spec_pb",
+    "timestamp_pb",
 ]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -268,7 +269,8 @@ def job_spec(message: pb.JobSpec) -> JobSpec:
     return parse_spec(spec_dict(message))
 
 
-def _stamp(value: datetime | None) -> Timestamp | None:
+def timestamp_pb(value: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp for a datetime (None stays None)."""
     if value is None:
         return None
     stamp = Timestamp()
@@ -285,8 +287,8 @@ def _source_pb(source: DataSource) -> pb.DataSource:
     assert f is not None  # DataSource validates exactly one kind
     return pb.DataSource(
         feedback=pb.FeedbackSource(
-            since=_stamp(f.since),
-            until=_stamp(f.until),
+            since=timestamp_pb(f.since),
+            until=timestamp_pb(f.until),
             model=f.model,
             sources=f.sources,
             max_examples=f.max_examples,

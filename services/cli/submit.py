@@ -17,18 +17,12 @@ from loopline.errors import InvalidInput
 from services.cli.common import console, out
 from services.cli.router_client import EXIT_BY_STATUS
 
-DEFAULT_TRAINER = "127.0.0.1:8002"
-
 
 def _spec_message(path: Path) -> Any:
-    import yaml
-
     from loopline.jobspec import parse_spec, spec_pb
+    from services.cli.train import load_spec_file
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise InvalidInput(f"cannot read spec {path}: {err}", spec=str(path)) from None
+    data = load_spec_file(path)
     spec = parse_spec(data)
     # Relative data paths are relative to the spec file, wherever the service runs from.
     for source in [*spec.data, *([spec.validation] if spec.validation else [])]:

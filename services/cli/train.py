@@ -23,7 +23,7 @@ def _opt(help_text: str, env: str, *names: str) -> Any:
     return typer.Option(*names, help=help_text, envvar=f"LOOPLINE_TRAIN_{env}")
 
 
-def _load_spec(path: Path) -> dict[str, Any]:
+def load_spec_file(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
@@ -40,7 +40,7 @@ def _request(fields: dict[str, Any], recipe: dict[str, Any], spec: Path | None) 
 
     from services.trainer.pipeline import TrainRequest
 
-    base = _load_spec(spec) if spec else {}
+    base = load_spec_file(spec) if spec else {}
     base.update({k: v for k, v in fields.items() if v is not None})
     base.setdefault("train", {}).update({k: v for k, v in recipe.items() if v is not None})
     if base.get("register_version", True):

@@ -27,7 +27,7 @@ from services.monitor.alerts import AlertBook, RuleInputs, Rules, evaluate
 from services.monitor.drift import DriftResult, LiveSamples, Reference, check_drift, save_html
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.retrain import Retrainer
-from services.monitor.state import State, Totals
+from services.monitor.state import State, Totals, sum_totals
 
 __all__ = ["Checker", "ExperimentInfo", "References", "Report", "Views"]
 
@@ -189,7 +189,7 @@ class Views:
                 if variant not in found:
                     raise NotFound("variant", f"{experiment}/{variant}", f"known: {sorted(found)}")
                 return found[variant].totals
-            return _sum([v.totals for v in found.values() if not v.shadow])
+            return sum_totals(v.totals for v in found.values() if not v.shadow)
         return await self.state.window_totals(model, version or None, start, end)
 
     async def drift(
@@ -251,13 +251,6 @@ def _view(name: str, found: Any, shadow: bool, level: float) -> VariantView:
     version = found.version if found is not None else ""
     accuracy = st.proportion(totals.correct, totals.labelled, level)
     return VariantView(name, model, version, shadow, totals, accuracy)
-
-
-def _sum(items: list[Totals]) -> Totals:
-    total = Totals()
-    for item in items:
-        total = total.merge(item)
-    return total
 
 
 class Checker:

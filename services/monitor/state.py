@@ -83,6 +83,7 @@ __all__ = [
     "Totals",
     "VariantTotals",
     "histogram_quantile",
+    "sum_totals",
 ]
 
 # Bin i of a histogram holds values in [edges[i-1], edges[i]); bin 0 what is below edges[0], the
@@ -421,7 +422,7 @@ class State:
         scopes = [f"mv:{model}:{v}" for v in versions]
         if start is None and end is None:
             return await self._since_start(scopes)
-        return _sum(t for _w, t in await self._windows(scopes, start, end))
+        return sum_totals(t for _w, t in await self._windows(scopes, start, end))
 
     async def window_series(
         self,
@@ -454,7 +455,7 @@ class State:
             if start is None and end is None:
                 totals = await self._since_start(scope)
             else:
-                totals = _sum(t for _w, t in await self._windows(scope, start, end))
+                totals = sum_totals(t for _w, t in await self._windows(scope, start, end))
             name = f"{variant}:shadow" if flag == "1" and variant in out else variant
             out[name] = VariantTotals(variant, flag == "1", model, version, totals)
         return out
@@ -489,7 +490,7 @@ class State:
             for scope in scopes:
                 pipe.hgetall(self._key("tot", scope))
             replies: list[dict[bytes, bytes]] = await pipe.execute()
-        return _sum(_totals(h) for h in replies)
+        return sum_totals(_totals(h) for h in replies)
 
     async def _window_starts(self, scope: str, start: float | None, end: float | None) -> list[int]:
         w = self.config.window_s
@@ -546,7 +547,8 @@ def _max(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def _sum(parts: Iterable[Totals]) -> Totals:
+def sum_totals(parts: Iterable[Totals]) -> Totals:
+    """One `Totals` adding up `parts`."""
     total = Totals()
     for part in parts:
         total.merge(part)

@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
-from loopline.jobspec import job_spec, parse_spec, spec_pb
+from loopline.jobspec import job_spec, parse_spec, spec_pb, timestamp_pb
 from loopline.v1 import trainer_pb2 as pb
 from services.trainer.jobs import EventKind, Job, JobEvent
+from services.trainer.runner import PROGRESS_FIELDS
 
 __all__ = ["event_pb", "job_pb", "job_spec", "progress_pb", "spec_pb"]
-
-
-def _stamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 # ----- jobs -----
@@ -38,17 +28,6 @@ STATE_TO_PB = {
     "interrupted": pb.JOB_STATE_INTERRUPTED,
 }
 STATE_FROM_PB = {value: key for key, value in STATE_TO_PB.items()}
-_PROGRESS_FIELDS = (
-    "epoch",
-    "epochs",
-    "step",
-    "total_steps",
-    "loss",
-    "examples_per_second",
-    "trial",
-    "trials",
-    "learning_rate",
-)
 
 
 _INT_FIELDS = frozenset({"epoch", "epochs", "step", "total_steps", "trial", "trials"})
@@ -56,7 +35,7 @@ _INT_FIELDS = frozenset({"epoch", "epochs", "step", "total_steps", "trial", "tri
 
 def progress_pb(progress: dict[str, Any]) -> pb.Progress:
     message = pb.Progress()
-    for key in _PROGRESS_FIELDS:
+    for key in PROGRESS_FIELDS:
         value = progress.get(key)
         if value is not None:
             setattr(message, key, int(value) if key in _INT_FIELDS else float(value))
@@ -72,9 +51,9 @@ def job_pb(job: Job) -> pb.Job:
         error=job.error,
         metrics=job.metrics,
         progress=progress_pb(job.progress),
-        create_time=_stamp(job.create_time),
-        start_time=_stamp(job.start_time),
-        end_time=_stamp(job.end_time),
+        create_time=timestamp_pb(job.create_time),
+        start_time=timestamp_pb(job.start_time),
+        end_time=timestamp_pb(job.end_time),
         gate_passed=job.gate_passed,
         gate_reason=job.gate_reason,
     )
@@ -85,7 +64,9 @@ def job_pb(job: Job) -> pb.Job:
 
 
 def event_pb(event: JobEvent) -> pb.JobEvent:
-    message = pb.JobEvent(job_id=event.job_id, time=_stamp(event.time), sequence=event.sequence)
+    message = pb.JobEvent(
+        job_id=event.job_id, time=timestamp_pb(event.time), sequence=event.sequence
+    )
     payload = event.payload
     if event.kind is EventKind.STATE:
         message.state_change.CopyFrom(

@@ -16,19 +16,17 @@ from loopline.grpc_server import GrpcServer, run_service
 from loopline.logging import get_logger
 from loopline.v1 import trainer_pb2_grpc as pb_grpc
 from services.trainer.jobs import JobStore
-from services.trainer.runner import JobRunner
+from services.trainer.runner import DEFAULT_TARGET, JobRunner
 from services.trainer.servicer import ADMIN_METHODS, TrainerServicer, service_name
 from services.trainer.settings import TrainerSettings
 
 log = get_logger(__name__)
 
-TRAINING_FUNCTION = "services.trainer.execute:run_spec"
-
 
 class TrainerService:
     """The job store, the runner and the gRPC server of one trainer process."""
 
-    def __init__(self, settings: TrainerSettings, target: str = TRAINING_FUNCTION) -> None:
+    def __init__(self, settings: TrainerSettings, target: str = DEFAULT_TARGET) -> None:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(settings.home / "jobs.db")

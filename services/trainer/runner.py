@@ -31,14 +31,11 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loopline.errors import FailedPrecondition, LooplineError
 from loopline.logging import configure_logging, get_logger
 from services.trainer.jobs import EventKind, Job, JobEvent, JobState, JobStore, ModelRef
-
-if TYPE_CHECKING:
-    from services.trainer.pipeline import JobResult, TrainRequest
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -50,8 +47,6 @@ __all__ = [
     "Update",
     "describe_exit",
     "interpret",
-    "outcome_of",
-    "train_job",
 ]
 
 log = get_logger(__name__)
@@ -60,7 +55,8 @@ Progress = Callable[[str, dict[str, Any]], None]
 # A training function: runs in the child, reports through `progress`, returns JobOutcome.to_dict().
 TrainFn = Callable[[dict[str, Any], Progress], Mapping[str, Any]]
 
-DEFAULT_TARGET = "services.trainer.runner:train_job"
+# The production training function: a JobSpec (loopline/jobspec.py) run by the pipeline.
+DEFAULT_TARGET = "services.trainer.execute:run_spec"
 
 # The keys of `loopline.v1.Progress`; a progress event carries only these.
 PROGRESS_FIELDS = (
@@ -104,31 +100,6 @@ class JobOutcome:
             gate_passed=bool(data.get("gate_passed", False)),
             gate_reason=str(data.get("gate_reason") or ""),
         )
-
-
-def train_job(spec: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    """The production training function: `spec` holds `TrainRequest` fields (the servicer
-    stores `TrainRequest.model_dump(mode="json")` as the job spec), run by the pipeline."""
-    # Imported here so that torch loads only in the child, never in the trainer's own process.
-    from services.trainer.pipeline import TrainRequest, run_job
-
-    request = TrainRequest.model_validate(spec)
-    return outcome_of(request, run_job(request, progress)).to_dict()
-
-
-def outcome_of(request: TrainRequest, result: JobResult) -> JobOutcome:
-    """The outcome of one pipeline run, as the job records it."""
-    model = None
-    if result.version is not None:
-        model = ModelRef(request.name, result.version, request.alias or "")
-    metrics = dict(result.evaluation.scalars())
-    if result.manifest.parity is not None:
-        metrics["export_max_abs_error"] = result.manifest.parity.fp32_max_abs_logit_diff
-    # The pipeline has no promotion gate yet: registering moves `alias` unconditionally, which
-    # the contract reports as a passed gate.
-    moved = model is not None and bool(model.alias)
-    reason = f"no gate: alias {model.alias!r} set on registration" if moved and model else ""
-    return JobOutcome(model, metrics, moved, reason)
 
 
 # -- what a progress report means for the job ---------------------------------------------------
