@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from loopline.errors import FailedPrecondition, InvalidInput, NotFound
+from loopline.errors import FailedPrecondition, InvalidInput, NotFound, NotReady
 from loopline.logging import get_logger
 from services.monitor import stats as st
 from services.monitor.alerts import AlertBook, RuleInputs, Rules, evaluate
@@ -99,8 +99,14 @@ class References:
                 f"no reference distribution for {model}/{version} ({err}); was it exported by "
                 "`loopline train`?"
             ) from None
-        except Exception as err:  # MLflow raises its own types for a missing version
-            raise NotFound("model version", f"{model}/{version}", str(err)[:200]) from None
+        except Exception as err:  # MLflow raises its own types
+            if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                raise NotFound("model version", f"{model}/{version}", str(err)[:200]) from None
+            # An unreachable registry is not a missing version: UNAVAILABLE, worth a retry.
+            raise NotReady(
+                f"cannot read the reference of {model}/{version} from MLflow ({err!r:.200})",
+                model=model,
+            ) from None
 
     async def trained_at(self, model: str, version: str) -> float | None:
         """When a version was registered (unix seconds): traffic after it is traffic the version

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loopline.errors import InvalidInput
+from loopline.errors import InvalidInput, NotFound, NotReady
 from loopline.jobspec import parse_spec
 from loopline.redis import connect
 from services.monitor.alerts import AlertBook
@@ -142,3 +142,17 @@ def test_a_spec_file_is_checked_and_its_paths_are_relative_to_it(tmp_path: Path)
     spec.write_text("name: sentiment\ndata: []\n")
     with pytest.raises(InvalidInput, match="data"):
         Retrainer.load_spec(spec)
+
+
+def test_an_unreachable_registry_is_not_ready_not_a_missing_version(
+    mlflow_store: MlflowStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = References(mlflow_store.tracking_uri, tmp_path / "a")
+    with pytest.raises(NotFound):
+        asyncio.run(missing.load("nobody", "1"))
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    down = References("http://127.0.0.1:1", tmp_path / "b")
+    with pytest.raises(NotReady, match="cannot read the reference"):
+        asyncio.run(down.load("sentiment", "1"))
