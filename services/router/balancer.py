@@ -306,7 +306,7 @@ class Balancer:
         """Classify `texts` with the model `ref` reaches, on the best endpoint for it.
 
         `deadline` is a `time.monotonic()` instant (None: `default_timeout`). Retries once on
-        another endpoint after UNAVAILABLE or RESOURCE_EXHAUSTED while time remains.
+        another endpoint after UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND while time remains.
         """
         params = dict(parameters or {})
         request = oip.build_request(
@@ -325,7 +325,17 @@ class Balancer:
                 return await self._infer_on(upstream, request, len(texts), deadline)
             except _RetryableError as failure:
                 tried.append(failure)
+                if _code(failure) == grpc.StatusCode.NOT_FOUND:
+                    self._forget(ref, failure.address)
         raise self._exhausted(ref, tried, deadline)
+
+    def _forget(self, ref: ModelRef, address: str) -> None:
+        """A worker said it does not serve `ref` (it unloaded it since its last heartbeat): stop
+        choosing it for `ref` until discovery lists it again, so later calls skip the dead end."""
+        key = (ref.name, ref.target)
+        addresses = self._index.get(key)
+        if addresses and address in addresses:
+            self._index = {**self._index, key: [a for a in addresses if a != address]}
 
     async def _choose(self, ref: ModelRef, exclude: set[str]) -> _Upstream | None:
         candidates = [u for u in self._candidates(ref) if u.address not in exclude]

@@ -188,6 +188,21 @@ def test_not_found_from_every_worker_is_the_callers_answer() -> None:
     run(main)
 
 
+def test_a_worker_that_said_not_found_is_skipped_until_discovery_lists_it_again() -> None:
+    script = Script(failures=[grpc.StatusCode.NOT_FOUND])
+
+    async def main() -> None:
+        servicers = [FakeOip(script, "one"), FakeOip(script, "two")]
+        async with fake_servers(servicers) as fakes, static_balancer(list(fakes)) as lb:
+            first = await lb.infer(FAKE, ["hello"])
+            for _ in range(6):
+                assert (await lb.infer(FAKE, ["hello"])).endpoint == first.endpoint
+            calls = sorted(f.calls for f in fakes.values())
+            assert calls == [1, 7]  # the worker that said NOT_FOUND was asked once
+
+    run(main)
+
+
 def test_client_errors_are_forwarded_and_never_retried() -> None:
     script = Script(failures=[grpc.StatusCode.INVALID_ARGUMENT])
 
