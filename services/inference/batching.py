@@ -6,8 +6,8 @@ Two layers, tested separately (style.md, "The batching queue"):
   away, fails expired deadlines, and picks a batch anchored on the oldest entry, filled with the
   entries closest to it in token length so padding stays small (TEI's queue, plus deadlines).
 - `Batcher` owns the asyncio side: one loop task that forms batches, at most `concurrency` batches
-  executing in a thread pool (the engine releases the GIL), and the next batch formed while the
-  current one runs.
+  executing on the batcher's own engine threads (the engine releases the GIL), and the next batch
+  formed while the current one runs.
 """
 
 from __future__ import annotations
@@ -300,7 +300,14 @@ class Batcher:
         self._run = run
         self._pad_id = pad_id
         self._settings = settings
-        self._executor = executor
+        # One thread per execution slot, owned here unless the caller passes a pool: the engine
+        # always runs on the same threads, so glibc serves its activation buffers from the same
+        # per-thread heaps (a shared pool spreads them over every thread's heap: more RSS, and
+        # cold buffers on each call).
+        self._owns_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.concurrency, thread_name_prefix=f"engine-{name}"
+        )
         self._name = name
         self._on_batch = on_batch
         self._queue = BatchQueue(settings.max_queue_size)
@@ -350,6 +357,7 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         while self._executing:
             await asyncio.gather(*self._executing, return_exceptions=True)
+        self._close_executor()
 
     async def stop_now(self) -> None:
         """Cancel everything: queued entries fail with NotReady, executing ones with Cancelled."""
@@ -362,6 +370,12 @@ class Batcher:
             self._queue.take_all(),
             NotReady(f"model {self._name} stopped before this request ran", model=self._name),
         )
+        self._close_executor()
+
+    def _close_executor(self) -> None:
+        # Nothing is executing any more; a batch cancelled mid-run finishes on its thread.
+        if self._owns_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- the loop -------------------------------------------------------------------------
 

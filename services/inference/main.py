@@ -45,7 +45,7 @@ class Worker:
         self.settings = settings
         self.metrics = InferenceMetrics()
         self.executor = ThreadPoolExecutor(
-            max_workers=max(4, 2 * settings.concurrency), thread_name_prefix="engine"
+            max_workers=4, thread_name_prefix="tokenize"
         )
         options = OnnxOptions(
             providers=tuple(settings.providers),
@@ -73,7 +73,6 @@ class Worker:
                 engine.run,
                 manifest.pad_token_id,
                 batch,
-                executor=self.executor,
                 name=label,
                 on_batch=lambda s: self._on_batch(label, s),
             )

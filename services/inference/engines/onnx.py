@@ -80,14 +80,15 @@ class OnnxOptions:
     trt_workspace_bytes: int = 2 * GIB
     arena: bool = False  # CPU memory arena: off keeps RSS flat (module docstring)
     memory_pattern: bool = False  # only pays off for repeated identical shapes; ours vary
-    # glibc raises its mmap threshold each time a large block is freed, after which big activation
-    # buffers come from the heap and are never returned. A fixed threshold (process-wide, set at
-    # load) keeps them as mmaps that go back to the OS, at a price in speed. Measured on the
-    # fine-tuned MiniLM int8 package with `make bench` (2 cores, one run each):
-    #   128 KiB: ceiling 181 sentences/s, worker best 129, worker RSS after the run 198 MB
-    #   None:    ceiling 251 sentences/s, worker best 135, RSS 311 MB, 210 MB after the idle trim
-    # The fixed threshold is the default because it meets the 200 MB budget; set None for speed.
-    malloc_mmap_threshold_bytes: int | None = 128 * 1024
+    # glibc raises its mmap threshold each time a large block is freed, after which activation
+    # buffers come from the heap and are reused. Pinning the threshold (process-wide, set at
+    # load) makes every large buffer a fresh mmap that goes back to the OS on free, and each run
+    # pays the page faults. Measured in-process on the MiniLM int8 package (2 cores, sentences/s
+    # at batch 1 / 8 / 32, RSS after the run -> after `release_free_memory()`):
+    #   128 KiB pinned:  318-484 / 289-362 / 319-358, RSS 181 -> 175 MB
+    #   None (dynamic):  502-523 / 578-590 / 523-542, RSS 273-284 -> 174 MB
+    # The worker trims when idle, so the dynamic threshold costs no memory once a burst is over.
+    malloc_mmap_threshold_bytes: int | None = None
 
     def __post_init__(self) -> None:
         validate_providers(self.providers)
@@ -252,9 +253,10 @@ def _session_options(options: OnnxOptions) -> Any:
         int8, arena + memory pattern                      350 (354)
         int8, no arena, no pattern, mmap threshold fixed  157 (271)
 
-    So the arena stays off, memory patterns off (they only pay off for repeated identical shapes)
-    and glibc's mmap threshold fixed (`OnnxOptions.malloc_mmap_threshold_bytes`; the worker also
-    calls `release_free_memory()` when idle, for what other threads' heaps keep). With the arena
+    So the arena stays off (it never gives memory back) and memory patterns off (they only pay
+    off for repeated identical shapes). Freed activation buffers then stay in glibc's heaps, which
+    is fast, and the worker returns them with `release_free_memory()` once idle; pinning glibc's
+    mmap threshold returns them at once but slows every batch (`OnnxOptions`). With the arena
     off, `arena_extend_strategy` and `session.use_env_allocators` have nothing to act on.
     """
     import onnxruntime as ort
