@@ -44,9 +44,7 @@ class Worker:
 
         self.settings = settings
         self.metrics = InferenceMetrics()
-        self.executor = ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="tokenize"
-        )
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tokenize")
         options = OnnxOptions(
             providers=tuple(settings.providers),
             cpu_variant=settings.cpu_variant,
