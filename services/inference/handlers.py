@@ -63,6 +63,7 @@ class InferResponse:
 
 
 RecordSink = Callable[[ServedModel, InferRequest, Sequence[Tokens], Sequence[Result]], None]
+AnswerSink = Callable[[str, float], None]  # (model name, seconds from arrival to answer)
 
 
 class DataPlane:
@@ -75,8 +76,10 @@ class DataPlane:
         executor: Executor | None = None,
         record: RecordSink | None = None,
         inline_tokenize_chars: int = 0,
+        on_answer: AnswerSink | None = None,
     ) -> None:
         self.repository = repository
+        self.on_answer = on_answer
         self.max_text_chars = max_text_chars
         self.executor = executor
         self.record = record
@@ -102,6 +105,7 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Answer every text, or fail the request as a whole with one clear error."""
+        started = time.monotonic()
         self.validate(request.texts)
         request.request_id = (
             request.request_id or request.parameters.get("request_id") or str(uuid.uuid4())
@@ -117,7 +121,10 @@ class DataPlane:
             results = await self._run(model, tokens, request.deadline)
         if self.record is not None:
             self.record(model, request, tokens, results)
-        return _response(model, request, tokens, results)
+        response = _response(model, request, tokens, results)
+        if self.on_answer is not None:
+            self.on_answer(model.name, time.monotonic() - started)
+        return response
 
     async def _tokenize(self, model: ServedModel, texts: list[str]) -> list[Tokens]:
         """Small requests on the event loop (~0.1 ms, less than a hop to a thread and back);

@@ -96,6 +96,7 @@ class Worker:
             self.executor,
             record=self._record if self.records is not None else None,
             inline_tokenize_chars=settings.inline_tokenize_chars,
+            on_answer=lambda name, seconds: self.metrics.request.labels(name).observe(seconds),
         )
         self.ready = False
         self.batches = 0

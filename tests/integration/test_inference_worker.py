@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -266,6 +267,12 @@ def test_metrics_endpoint_exposes_batching(worker: dict[str, object]) -> None:
     text = body.decode()
     assert "loopline_inference_batch_size_count" in text
     assert "loopline_inference_padding_waste_bucket" in text
+    # Arrival-to-answer time, by model: every answered request is counted.
+    answered = re.findall(
+        r'^loopline_inference_request_seconds_count\{model="[^"]+"\} (\S+)$', text, re.M
+    )
+    assert answered
+    assert float(answered[0]) >= 1
 
 
 def test_worker_process_never_imports_torch_or_transformers(tiny_package: Path) -> None:
