@@ -51,6 +51,7 @@ class Worker:
             gpu_variant=settings.gpu_variant,
             intra_op_threads=settings.intra_op_threads,
             allow_spinning=settings.allow_spinning,
+            spin_between_runs=settings.spin_between_runs,
             cuda_mem_limit_bytes=(settings.cuda_mem_limit_mb or 0) * 2**20 or None,
             trt_engine_cache=settings.trt_engine_cache,
             trt_workspace_bytes=settings.trt_workspace_mb * 2**20,

@@ -73,6 +73,11 @@ class InferenceSettings(ServiceSettings):
         default=True,
         description="Let idle ORT threads spin (ORT's default; measured faster here than off).",
     )
+    spin_between_runs: bool = Field(
+        default=False,
+        description="Let ORT threads keep spinning after a run returns (ORT's default). Off: "
+        "they spin only while a run is active, leaving idle cores to gRPC and the event loop.",
+    )
     cuda_mem_limit_mb: int | None = Field(default=None, ge=1, description="CUDA arena cap.")
     trt_engine_cache: Path | None = Field(default=None, description="TensorRT engine cache.")
     trt_workspace_mb: int = Field(default=2048, ge=64, description="TensorRT workspace.")

@@ -254,3 +254,12 @@ def test_create_engine_refuses_an_unregistered_kind(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(NotFound, match="engine 'onnx' not found"):
         create_engine(EngineKind.ONNX, Path("/nowhere"), manifest, OnnxOptions())
+
+
+@pytest.mark.parametrize(("between_runs", "entry"), [(False, "1"), (True, "0")])
+def test_threads_spin_between_runs_only_when_asked(between_runs: bool, entry: str) -> None:
+    from services.inference.engines.onnx import _session_options
+
+    options = _session_options(OnnxOptions(spin_between_runs=between_runs))
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == entry

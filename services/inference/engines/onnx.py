@@ -72,6 +72,10 @@ class OnnxOptions:
     # Spinning intra-op threads cut latency a little but burn a core the tokenizer and the event
     # loop need on a small machine; the worker can turn it off.
     allow_spinning: bool = True
+    # Keep spinning after a Run returns (ORT's default) instead of only during one. Off, a lone
+    # request measured here went 4.9 -> 3.6 ms p50 and the worker's CPU 1.95 -> 1.57 cores at
+    # concurrency 1: idle spinning took the cores the answer's way back through gRPC needed.
+    spin_between_runs: bool = False
     graph_optimization: GraphOptimization = "all"
     cuda_mem_limit_bytes: int | None = None
     device_id: int = 0
@@ -272,6 +276,11 @@ def _session_options(options: OnnxOptions) -> Any:
     so.enable_mem_pattern = options.memory_pattern
     so.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
+    )
+    # Spinning only while a Run is active: when the last concurrent Run returns, the threads
+    # block at once instead of spinning on cores the event loop and gRPC need next.
+    so.add_session_config_entry(
+        "session.force_spinning_stop", "0" if options.spin_between_runs else "1"
     )
     return so
 
