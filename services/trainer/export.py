@@ -15,6 +15,9 @@ neighbours (16-20 of 1,000 labels flipped on the fine-tuned MiniLM). Two exporte
   and block at run time; batch independent too and needs no calibration, but barely faster than
   fp32 on x86. The fallback when no calibration text is given or the static graph fails a gate.
 
+After either, `compact_word_embedding` stores the word-embedding table (most of a small model's
+bytes, left fp32 by both) as int8 rows with one scale each, dequantising only the rows looked up.
+
 `scripts/int8_study.py` measured both against the alternatives; docs/training.md has the table.
 """
 
@@ -422,11 +425,176 @@ def write_int8(
     """Write the int8 graph by `method`; returns the manifest's description of it."""
     if method == "blockwise":
         quantize_int8(fp32, target, options.int8_block_size)
-        return f"blockwise (MatMulNBits 8-bit, block {options.int8_block_size})"
-    counts = quantize_int8_static(fp32, target, calibration)
-    texts = sum(len(ids) for ids, _ in calibration)
-    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-    return f"static (activation scales from {texts} training texts; {ops})"
+        described = f"blockwise (MatMulNBits 8-bit, block {options.int8_block_size})"
+    else:
+        counts = quantize_int8_static(fp32, target, calibration)
+        texts = sum(len(ids) for ids, _ in calibration)
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+        described = f"static (activation scales from {texts} training texts; {ops})"
+    return f"{described}; {compact_word_embedding(target)}"
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one fp32 scale per row, max|row| / 127: (int8 table, scales [rows]).
+
+    Each dequantised element `q * scale` is within scale / 2 of the original; an all-zero row
+    gets scale 0 and stays exactly zero.
+    """
+    scale = (np.abs(table).max(axis=1) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))[:, None]
+    quantized = np.clip(np.rint(table / safe), -127, 127).astype(np.int8)
+    return quantized, scale
+
+
+def compact_word_embedding(path: Path) -> str:
+    """Store the word-embedding table of the graph at `path` as int8 rows with per-row scales.
+
+    The table is most of an int8 MiniLM (30,522 x 384 fp32: 47 of 58 MB) and both quantisers
+    leave it fp32. Only the rows a batch looks up are dequantised, so ONNX Runtime holds the int8
+    table (a quarter of the bytes) and each batch dequantises (batch x length) rows. Each token's
+    row is computed alone, so batching still cannot change an answer. A table read any other way
+    (tied to an output projection, say) is left as it is. Rewrites the file in place; returns
+    the manifest's description of what was done.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    found = _word_table(model)
+    if isinstance(found, str):
+        return f"word embeddings left fp32 ({found})"
+    name, readers = found
+    initializer = next(i for i in graph.initializer if i.name == name)
+    quantized, scale = quantize_rows(numpy_helper.to_array(initializer))
+    table = _Int8Table(f"{name}_int8", f"{name}_scale")
+    graph.initializer.remove(initializer)
+    graph.initializer.extend(
+        [numpy_helper.from_array(quantized, table.q), numpy_helper.from_array(scale, table.scale)]
+    )
+    for info in [v for v in graph.value_info if v.name == name]:
+        graph.value_info.remove(info)
+    rewritten = {id(n): _INT8_LOOKUPS[n.op_type](n, table, graph) for n in readers}
+    nodes = [new for node in graph.node for new in rewritten.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    rows, cols = quantized.shape
+    before, after = rows * cols * 4, quantized.nbytes + scale.nbytes
+    return (
+        f"word embeddings int8 per row ({rows}x{cols}, {before / 1e6:.3g} -> {after / 1e6:.3g} MB)"
+    )
+
+
+@dataclass(frozen=True)
+class _Int8Table:
+    """The names of the compacted table's initializers."""
+
+    q: str  # int8 [rows, columns]
+    scale: str  # fp32 [rows]
+
+
+def _word_table(model: Any) -> tuple[str, list[Any]] | str:
+    """(table name, the nodes that look it up) or why the table is left alone."""
+    graph = model.graph
+    ids = {INPUT_NAMES[0]} | {
+        n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] == INPUT_NAMES[0]
+    }
+    tables = {n.input[2] for n in graph.node if n.op_type == "EmbedLayerNormalization"}
+    tables |= {n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[1] in ids}
+    if len(tables) != 1:
+        return "no single lookup of input_ids" if not tables else f"{len(tables)} lookup tables"
+    (name,) = tables
+    initializer = next((i for i in graph.initializer if i.name == name), None)
+    if initializer is None or initializer.data_type != 1 or len(initializer.dims) != 2:
+        return "the table is not a 2-D fp32 initializer"
+    if name in {v.name for v in [*graph.input, *graph.output]}:
+        return "the table is a graph input or output"
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+        return "opset below 13"  # per-axis DequantizeLinear and Unsqueeze's axes input
+    readers = [n for n in graph.node if name in n.input]
+    others = [n.op_type for n in readers if not _is_lookup(n, name)]
+    if others or name in _subgraph_names(graph):
+        return f"the table is also read by {others[0] if others else 'a subgraph'}"
+    return name, readers
+
+
+def _is_lookup(node: Any, table: str) -> bool:
+    """Whether `node` reads `table` only as rows picked by ids."""
+    if list(node.input).count(table) != 1:
+        return False
+    if node.op_type == "Gather":
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+        return bool(node.input[0] == table and axis == 0)
+    return bool(node.op_type == "EmbedLayerNormalization" and node.input[2] == table)
+
+
+def _subgraph_names(graph: Any) -> set[str]:
+    """Every tensor name read inside the subgraphs (If, Loop, Scan bodies) of `graph`."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g, *attribute.graphs] if attribute.type in (5, 10) else []:
+                names |= {i for n in body.node for i in n.input} | _subgraph_names(body)
+    return names
+
+
+def _int8_gather(node: Any, table: _Int8Table, graph: Any) -> list[Any]:
+    """Gather(table, ids) as Cast(Gather(q, ids)) * Unsqueeze(Gather(scale, ids), -1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = f"{node.name or node.output[0]}_int8/"
+    ids = node.input[1]
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), p + "last"))
+    return [
+        helper.make_node("Gather", [table.q, ids], [p + "q"], name=p + "q"),
+        helper.make_node("Cast", [p + "q"], [p + "f"], name=p + "f", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [table.scale, ids], [p + "s"], name=p + "s"),
+        helper.make_node("Unsqueeze", [p + "s", p + "last"], [p + "s1"], name=p + "s1"),
+        helper.make_node("Mul", [p + "f", p + "s1"], [node.output[0]], name=p + "rows"),
+    ]
+
+
+def _int8_embed_layer_norm(node: Any, table: _Int8Table, graph: Any) -> list[Any]:
+    """EmbedLayerNormalization given this batch's dequantised rows as its table.
+
+    ids [B, L] -> rows [B*L, H], the table's row for each token in order, and the kernel's ids
+    become Range(0, B*L) as [B, L]: it reads the same vectors as before and stays one fused
+    kernel (positions, segments, LayerNorm and mask index as before). Per-axis
+    DequantizeLinear does Cast and Mul in one kernel (about 1 % of batch-1 time saved).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    p = f"{node.name or node.output[0]}_int8/"
+    for key, value in {"flat": [-1], "zero": 0, "one": 1}.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), p + key))
+
+    def make(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
+        return helper.make_node(op, inputs, [p + output], name=p + output, **attrs)
+
+    fused = helper.make_node(
+        node.op_type,
+        [p + "local_ids", node.input[1], p + "rows", *node.input[3:]],
+        list(node.output),
+        name=node.name,
+        domain=node.domain,
+    )
+    fused.attribute.extend(node.attribute)
+    return [
+        make("Reshape", [node.input[0], p + "flat"], "ids"),
+        make("Gather", [table.q, p + "ids"], "q"),
+        make("Gather", [table.scale, p + "ids"], "s"),
+        make("DequantizeLinear", [p + "q", p + "s"], "rows", axis=0),
+        make("Shape", [node.input[0]], "shape"),
+        make("ReduceProd", [p + "shape"], "count", keepdims=0),
+        make("Range", [p + "zero", p + "count", p + "one"], "positions"),
+        make("Cast", [p + "positions"], "positions_int32", to=TensorProto.INT32),
+        make("Reshape", [p + "positions_int32", p + "shape"], "local_ids"),
+        fused,
+    ]
+
+
+_INT8_LOOKUPS = {"Gather": _int8_gather, "EmbedLayerNormalization": _int8_embed_layer_norm}
 
 
 def label_flips(a: np.ndarray, b: np.ndarray) -> int:

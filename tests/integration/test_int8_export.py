@@ -13,14 +13,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from loopline.package import read_manifest
 from loopline.runtime import pad, softmax
 from services.trainer.export import (
     ExportOptions,
     ExportRefused,
+    Int8Method,
     calibration_batches,
+    compact_word_embedding,
+    quantize_int8,
     quantize_int8_static,
+    quantize_rows,
     uint8_scale,
     write_graphs,
 )
@@ -43,11 +48,17 @@ def tokenize(base_model: Path, texts: list[str]) -> tuple[list[list[int]], int]:
     return [list(x) for x in ids], int(tokenizer.pad_token_id or 0)
 
 
-def export(base_model: Path, directory: Path, calibrate: bool) -> tuple[dict[str, str], str]:
-    model = build_classifier(str(base_model), 2).eval()
+def calibration(base_model: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     ids, pad_id = tokenize(base_model, list(DEFAULT_CORPUS))
-    calibration = calibration_batches(ids, pad_id, batch_size=8) if calibrate else None
-    return write_graphs(model, directory, ExportOptions(int8=True), calibration)
+    return calibration_batches(ids, pad_id, batch_size=8)
+
+
+def export(
+    base_model: Path, directory: Path, calibrate: bool, optimize: bool = True
+) -> tuple[dict[str, str], str]:
+    model = build_classifier(str(base_model), 2).eval()
+    options = ExportOptions(int8=True, optimize=optimize)
+    return write_graphs(model, directory, options, calibration(base_model) if calibrate else None)
 
 
 def runtime_ops(path: Path, tmp_path: Path) -> set[str]:
@@ -163,3 +174,127 @@ def test_uint8_scale_holds_zero_exactly(low: float, high: float, scale: float, z
     got_scale, got_zero = uint8_scale(low, high)
     assert got_scale == pytest.approx(scale)
     assert got_zero == zero
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    graph = onnx.load(str(path)).graph
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
+def word_table(path: Path, shape: tuple[int, int], dtype: type) -> list[str]:
+    """Names of the initializers of the word table's shape and `dtype`."""
+    return [n for n, a in initializers(path).items() if a.shape == shape and a.dtype == dtype]
+
+
+def outputs(path: Path, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, embeddings) of one padded batch."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_ids, mask = pad(ids, pad_id)
+    logits, embedding = session.run(
+        ["logits", "embedding"], {"input_ids": input_ids, "attention_mask": mask}
+    )
+    return softmax(np.asarray(logits)), np.asarray(embedding)
+
+
+@pytest.mark.parametrize(
+    ("family", "optimize", "method", "lookup"),
+    [
+        ("bert", True, "static", "EmbedLayerNormalization"),
+        ("bert", False, "static", "Gather"),
+        ("bert", True, "blockwise", "EmbedLayerNormalization"),
+        ("distilbert", True, "static", "EmbedLayerNormalization"),  # and a Gather, both rewritten
+    ],
+)
+def test_int8_word_table_is_stored_as_int8_rows_and_the_graph_computes_the_same(
+    family: str,
+    optimize: bool,
+    method: Int8Method,
+    lookup: str,
+    tiny_model_factory: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    base = tiny_model_factory(family)
+    variants, description = export(base, tmp_path, method == "static", optimize)
+    assert f"int8: {method}" in description
+    assert "word embeddings int8 per row" in description
+    shipped, fp32 = tmp_path / variants["int8"], tmp_path / variants["fp32"]
+    # The same quantiser without the post-pass: what shipped before the table was compacted.
+    before = tmp_path / "uncompacted.onnx"
+    if method == "static":
+        quantize_int8_static(fp32, before, calibration(base))
+    else:
+        quantize_int8(fp32, before)
+    assert lookup in {n.op_type for n in onnx.load(str(before)).graph.node}
+    config = build_classifier(str(base), 2).config
+    shape = (int(config.vocab_size), int(config.hidden_size))
+
+    (table_name,) = word_table(before, shape, np.float32)
+    assert word_table(shipped, shape, np.float32) == []  # no fp32 copy of the table is left
+    (int8_name,) = word_table(shipped, shape, np.int8)
+    (scale_name,) = word_table(shipped, (shape[0],), np.float32)
+    table = initializers(before)[table_name]
+    quantized, scale = initializers(shipped)[int8_name], initializers(shipped)[scale_name]
+    # Symmetric per row: the largest element of each row maps to +-127, every element rounds to
+    # within half a step (float32 division adds at most an ulp to that).
+    np.testing.assert_allclose(scale, np.abs(table).max(axis=1) / 127, rtol=1e-6)
+    dequantized_table = quantized.astype(np.float32) * scale[:, None]
+    assert (np.abs(dequantized_table - table) <= scale[:, None] * 0.501).all()
+    assert shipped.stat().st_size < before.stat().st_size - table.nbytes // 2
+
+    # The rewired graph looks up exactly the rows the dequantised table holds: against the
+    # uncompacted graph given that table, only floating-point noise may differ (the batch
+    # independence bar above). Padding, several lengths and repeated tokens are all in TEXTS.
+    dequantized = tmp_path / "dequantized.onnx"
+    model = onnx.load(str(before))
+    (init,) = [i for i in model.graph.initializer if i.name == table_name]
+    init.CopyFrom(numpy_helper.from_array(dequantized_table, table_name))
+    onnx.save(model, str(dequantized))
+    ids, pad_id = tokenize(base, TEXTS)
+    probs, embedding = outputs(shipped, ids, pad_id)
+    expected_probs, expected_embedding = outputs(dequantized, ids, pad_id)
+    np.testing.assert_allclose(probs, expected_probs, atol=1e-5)
+    np.testing.assert_allclose(embedding, expected_embedding, atol=1e-5)
+    # Against the fp32 table: each element moved by at most 1/254 of its row's largest, a 0.4 %
+    # perturbation that the embedding LayerNorm passes on at about that size; 0.01 in probability
+    # is the trainer's batch-independence bar, far above it and far below any real change.
+    assert np.abs(probs - outputs(before, ids, pad_id)[0]).max() < 0.01
+
+    alone = np.concatenate([outputs(shipped, [x], pad_id)[0] for x in ids])
+    np.testing.assert_allclose(probs, alone, atol=1e-5)  # still batch independent
+
+
+def test_a_word_table_also_read_by_another_node_is_left_fp32(tmp_path: Path) -> None:
+    """Tied weights: the table is also an output projection, so it cannot become int8 rows."""
+    table = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["hidden"]),
+            helper.make_node("Transpose", ["table"], ["table_t"]),
+            helper.make_node("MatMul", ["hidden", "table_t"], ["logits"]),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table")],
+    )
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    saved = path.read_bytes()
+    description = compact_word_embedding(path)
+    assert description.startswith("word embeddings left fp32")
+    assert "Transpose" in description
+    assert path.read_bytes() == saved
+
+
+def test_quantize_rows_is_symmetric_per_row_within_half_a_step() -> None:
+    table = np.random.default_rng(0).standard_normal((20, 16)).astype(np.float32)
+    table[3] = 0.0  # a padding row: stays exactly zero
+    table[5] *= 100.0  # rows of very different sizes keep their own scales
+    quantized, scale = quantize_rows(table)
+    assert quantized.dtype == np.int8
+    assert scale.shape == (20,)
+    assert scale.dtype == np.float32
+    assert (np.abs(quantized).max(axis=1)[np.arange(20) != 3] == 127).all()
+    assert not quantized[3].any()
+    assert scale[3] == 0
+    assert (np.abs(quantized * scale[:, None] - table) <= scale[:, None] * 0.501).all()
