@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -38,6 +37,7 @@ from services.cli.experiments import (
     parse_weight,
 )
 from services.cli.main import app
+from tests.fixtures.waiting import free_port
 
 runner = CliRunner()
 Status = common_pb2.ExperimentStatus
@@ -193,13 +193,6 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRouter]:
 
 def _invoke(*args: str) -> Result:
     return runner.invoke(app, list(args))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- the spec parsers ---------------------------------------------------------------------------
@@ -526,7 +519,7 @@ def test_unauthenticated_without_a_token_says_how_to_give_one(router: FakeRouter
 
 def test_nothing_listening_exits_6_naming_the_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOOPLINE_ROUTER_ADDRESS", raising=False)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     result = _invoke("classify", "hello", "--router", address, "--timeout", "5")
     assert result.exit_code == 6
     assert f"the router is not reachable at {address}" in result.stderr

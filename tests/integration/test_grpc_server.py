@@ -24,6 +24,7 @@ from loopline.errors import NotFound, Overloaded
 from loopline.grpc_server import GrpcServer, running, serve
 from loopline.metrics import RequestMetrics
 from loopline.settings import ServiceSettings, load_settings
+from tests.fixtures.waiting import free_port
 
 SERVICE = "loopline.test.Echo"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -71,12 +72,6 @@ class Echo:
 
 def settings(**overrides: Any) -> ServiceSettings:
     return load_settings(ServiceSettings, **{"host": "127.0.0.1", "port": 0, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 Body = Callable[[GrpcServer, grpc.aio.Channel, Echo], Awaitable[None]]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from services.inference.settings import InferenceSettings
 from services.trainer.pipeline import TrainRequest, run_job
 from tests.fixtures.mlflow_store import MlflowStore
 from tests.fixtures.packages import TINY_RECIPE
+from tests.fixtures.waiting import until_async
 
 
 def _register_two_versions(
@@ -57,14 +57,6 @@ def _load(address: str, stop: threading.Event, outcomes: Counter[str]) -> None:
             outcomes[f"v{answer.model_version}"] += 1
         except grpc.RpcError as err:
             outcomes[f"error {err.code().name}: {err.details()}"] += 1
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -99,12 +91,12 @@ def test_alias_moves_forward_and_back_under_load_without_a_failure(
             for client in clients:
                 client.start()
             try:
-                await _until(lambda: outcomes["v1"] > 20)
+                await until_async(lambda: outcomes["v1"] > 20, "answers from v1")
                 await asyncio.to_thread(registry.promote, "swap", "2")
-                await _until(lambda: outcomes["v2"] > 20)
+                await until_async(lambda: outcomes["v2"] > 20, "answers from v2")
                 before = outcomes["v1"]
                 await asyncio.to_thread(registry.promote, "swap", "1")
-                await _until(lambda: outcomes["v1"] > before + 20)
+                await until_async(lambda: outcomes["v1"] > before + 20, "answers from v1 again")
             finally:
                 stop.set()
                 for client in clients:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,14 +27,9 @@ from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 from loopline.runtime import PackageRunner
 from services.inference.convert import encode_bytes_tensor
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.waiting import free_port
 
 TEXTS = ["the film was great overall", "the plot was awful again", "this movie was lovely"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -63,7 +57,7 @@ def worker(
 ) -> Iterator[dict[str, object]]:
     """A worker process serving the tiny package; stopped with SIGTERM at the end."""
     home = tmp_path_factory.mktemp("worker")
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = dict(
         os.environ,
         LOOPLINE_INFERENCE_MODELS=json.dumps([str(tiny_package)]),

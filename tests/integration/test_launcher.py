@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,14 +30,7 @@ from services.launcher import redis_server
 from services.launcher.redis_server import redis_binary, redis_command, redis_ready
 from services.launcher.stack import free_port
 from services.launcher.supervisor import ChildSpec, Supervisor, grpc_serving
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from tests.fixtures.waiting import until
 
 
 def _gone(process: psutil.Process) -> bool:
@@ -74,24 +66,24 @@ def test_a_crashed_child_is_restarted_and_stop_leaves_no_grandchild(tmp_path: Pa
     child = supervisor.start(spec)
     assert child.process is not None
     first = child.process.pid
-    _until(lambda: len(psutil.Process(first).children()) == 1, "the grandchild")
+    until(lambda: len(psutil.Process(first).children()) == 1, "the grandchild")
     grandchild = psutil.Process(first).children()[0]
 
     child.process.kill()
     child.process.wait()
-    _until(lambda: (supervisor.check(), child.running and child.process.pid != first)[1], "restart")
-    _until(lambda: marker.read_text() == "xx", "the second start")
+    until(lambda: (supervisor.check(), child.running and child.process.pid != first)[1], "restart")
+    until(lambda: marker.read_text() == "xx", "the second start")
     assert any("sleeper exited with code -9" in e for e in events)
     assert child.restarts == 1
 
     second = child.process.pid
-    _until(lambda: len(psutil.Process(second).children()) == 1, "the new grandchild")
+    until(lambda: len(psutil.Process(second).children()) == 1, "the new grandchild")
     grandchildren = [grandchild, psutil.Process(second).children()[0]]
     # The first grandchild went with its crashed parent's process group.
-    _until(lambda: _gone(grandchildren[0]), "the orphaned grandchild to be killed")
+    until(lambda: _gone(grandchildren[0]), "the orphaned grandchild to be killed")
     codes = supervisor.stop()
     assert set(codes) == {"sleeper"}
-    _until(lambda: _gone(grandchildren[1]), "the grandchild to go with its group", 5)
+    until(lambda: _gone(grandchildren[1]), "the grandchild to go with its group", 5)
 
 
 def test_a_child_that_dies_while_starting_reports_its_log(tmp_path: Path) -> None:
@@ -115,7 +107,7 @@ def test_the_bundled_redis_serves_when_the_system_has_none(
     )
     try:
         url = f"redis://127.0.0.1:{port}/0"
-        _until(lambda: redis_ready(url), "the bundled redis")
+        until(lambda: redis_ready(url), "the bundled redis")
         import redis
 
         with redis.Redis.from_url(url) as client:
@@ -184,7 +176,7 @@ def test_loopline_up_trains_a_champion_serves_restarts_and_stops_cleanly(
         cwd=tmp_path,
     )
     try:
-        _until(lambda: (home / "env").exists() or up.poll() is not None, "the stack", 600)
+        until(lambda: (home / "env").exists() or up.poll() is not None, "the stack", 600)
         assert up.poll() is None, (tmp_path / "up.log").read_text()
         exported = dict(
             line.removeprefix("export ").split("=", 1)
@@ -204,7 +196,7 @@ def test_loopline_up_trains_a_champion_serves_restarts_and_stops_cleanly(
             # Kill a worker: the supervisor starts another one, and the router keeps answering.
             worker = next(p for p in children if "services.inference" in " ".join(p.cmdline()))
             worker.kill()
-            _until(
+            until(
                 lambda: len(_workers(up.pid)) == 2 and worker.pid not in _workers(up.pid),
                 "the worker to be restarted",
             )
@@ -212,7 +204,7 @@ def test_loopline_up_trains_a_champion_serves_restarts_and_stops_cleanly(
                 stub.Classify(pb.ClassifyRequest(text="a dull film"), timeout=30)
             endpoints = json.loads((home / "endpoints.json").read_text())
             for address in endpoints["workers"]:
-                _until(lambda a=address: grpc_serving(a), f"worker {address} to serve again")
+                until(lambda a=address: grpc_serving(a), f"worker {address} to serve again")
 
         everything = _descendants(up.pid)
         up.send_signal(signal.SIGINT)

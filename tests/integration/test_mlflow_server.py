@@ -5,7 +5,6 @@ Loopline setting naming the server (no MLFLOW_TRACKING_URI in the environment)."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,7 @@ import pytest
 from loopline.package import read_manifest
 from loopline.registry import Registry
 from tests.fixtures.packages import register_package
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.fixtures.waiting import free_port
 
 
 def _healthy(url: str) -> bool:
@@ -37,7 +31,7 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     mlflow = Path(sys.executable).parent / "mlflow"
     command = [

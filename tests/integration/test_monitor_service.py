@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +27,9 @@ from services.inference.records import InferenceRecord
 from tests.fixtures.mlflow_store import clone_store
 from tests.fixtures.packages import register_package
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.waiting import free_port, until
 
 EXPERIMENT = "exp-test-0001"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -114,7 +100,7 @@ def stack(
         right = (n % 10 != 0) if variant == "control" else (n % 10 < 6)
         truth = predicted if right else ("negative" if predicted == "positive" else "positive")
         client.xadd("loopline:feedback", {"request_id": f"req-{n}", "label": truth})
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "LOOPLINE_MONITOR_PORT": str(port),
@@ -142,7 +128,7 @@ def stack(
         return stats.requests == 400 and stats.accuracy.labelled == 400
 
     try:
-        _until(folded, "every record folded")
+        until(folded, "every record folded")
         yield Stack(f"127.0.0.1:{port}", stub, redis_server.url, metrics_port)
     finally:
         channel.close()
@@ -200,7 +186,7 @@ def test_alerts_fire_and_the_cli_prints_them(stack: Stack) -> None:
         listed = stack.stub.ListAlerts(pb.ListAlertsRequest(), timeout=5)
         return any(a.rule == "latency_slo" for a in listed.alerts)
 
-    _until(fired, "the latency alert")
+    until(fired, "the latency alert")
     import urllib.request
 
     url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
@@ -210,7 +196,7 @@ def test_alerts_fire_and_the_cli_prints_them(stack: Stack) -> None:
 
     # The gauges are set at the end of the check that raised the alert.
     firing = 'loopline_monitor_alerts_firing{rule="latency_slo"} 2.0'  # versions 1 and 2
-    _until(lambda: firing in exported(), "the firing gauge")
+    until(lambda: firing in exported(), "the firing gauge")
     assert 'loopline_monitor_requests{model="tiny",version="1"} 200.0' in exported()
     from services.cli.main import app
 

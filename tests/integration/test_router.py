@@ -12,11 +12,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,16 +32,11 @@ from loopline.v1 import router_pb2_grpc as pb_grpc
 from tests.fixtures.mlflow_store import clone_store
 from tests.fixtures.packages import register_package
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.waiting import free_port, until
 
 TOKEN = "router-test-token"
 ADMIN = bearer_metadata(TOKEN)
 PORTUGUESE = "O filme é maravilhoso, os atores são ótimos e a história é emocionante."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -76,14 +69,6 @@ def _spawn(module: str, env: dict[str, str], home: Path, port: int) -> Process:
     return Process(f"127.0.0.1:{port}", process, log)
 
 
-def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 @dataclass
 class Stack:
     router: Process
@@ -94,7 +79,7 @@ class Stack:
 
 
 def _worker(home: Path, redis_url: str, mlflow_uri: str) -> Process:
-    port = _free_port()
+    port = free_port()
     env = {
         "LOOPLINE_INFERENCE_MODELS": json.dumps(
             ["models:/tiny@champion", "models:/tiny-pt@champion"]
@@ -115,7 +100,7 @@ def _worker(home: Path, redis_url: str, mlflow_uri: str) -> Process:
 
 
 def _router(home: Path, redis_url: str, mlflow_uri: str) -> Process:
-    port = _free_port()
+    port = free_port()
     env = {
         "LOOPLINE_ROUTER_PORT": str(port),
         "LOOPLINE_ROUTER_DEFAULT_MODEL": "tiny",
@@ -149,7 +134,7 @@ def stack(
     channel = grpc.insecure_channel(router.address)
     stub = pb_grpc.RouterStub(channel)
     try:
-        _until(lambda: _answers(stub), "the router to answer through a worker", timeout=120)
+        until(lambda: _answers(stub), "the router to answer through a worker", timeout=120)
         yield Stack(router, workers, redis_server.url, store.tracking_uri, stub)
     except BaseException:
         for process in (router, *workers):
@@ -337,7 +322,7 @@ def test_a_running_experiment_splits_users_stickily_and_follows_weight_changes(
             out[f"user-{n}"] = answer.variant
         return out
 
-    _until(lambda: classify(stack, "ok", user_id="x").experiment_id == created.id, "experiment")
+    until(lambda: classify(stack, "ok", user_id="x").experiment_id == created.id, "experiment")
     first = variants_of(range(40))
     assert set(first.values()) == {"control", "candidate"}
     assert variants_of(range(40)) == first  # sticky
@@ -345,7 +330,7 @@ def test_a_running_experiment_splits_users_stickily_and_follows_weight_changes(
     update = pb.UpdateExperimentRequest(id=created.id, weights={"control": 100, "candidate": 0})
     stack.stub.UpdateExperiment(update, metadata=ADMIN, timeout=10)
     # The change reaches the router through its cache poll; how fast is for `make bench`.
-    _until(lambda: set(variants_of(range(10)).values()) == {"control"}, "weights", timeout=30)
+    until(lambda: set(variants_of(range(10)).values()) == {"control"}, "weights", timeout=30)
 
     stop = pb.StopExperimentRequest(id=created.id, winner="candidate", reason="test")
     stopped = stack.stub.StopExperiment(stop, metadata=ADMIN, timeout=30)
@@ -353,7 +338,7 @@ def test_a_running_experiment_splits_users_stickily_and_follows_weight_changes(
     assert (stopped.promoted.version, stopped.promoted.alias) == ("2", "champion")
     assert Registry(stack.mlflow_uri).alias_version("tiny", "champion") == "2"
     Registry(stack.mlflow_uri).rollback("tiny")  # leave champion where the other tests expect it
-    _until(lambda: classify(stack, "fine").model.version == "1", "champion back at 1")
+    until(lambda: classify(stack, "fine").model.version == "1", "champion back at 1")
 
 
 def test_a_shadow_variant_is_recorded_and_never_answers(stack: Stack) -> None:
@@ -363,7 +348,7 @@ def test_a_shadow_variant_is_recorded_and_never_answers(stack: Stack) -> None:
     shadowed.shadows.add(name="mirror", model=common.ModelRef(name="tiny", version="2"))
     created = _create(stack, shadowed)
     try:
-        _until(lambda: classify(stack, "ok").experiment_id == created.id, "experiment")
+        until(lambda: classify(stack, "ok").experiment_id == created.id, "experiment")
         answer = classify(stack, "a mirrored review", request_id="mirror-1")
         assert (answer.variant, answer.model.version) == ("control", "1")
         client = redis.Redis.from_url(stack.redis_url)
@@ -374,7 +359,7 @@ def test_a_shadow_variant_is_recorded_and_never_answers(stack: Stack) -> None:
                     return (fields[b"version"], fields[b"variant"]) == (b"2", b"mirror")
             return False
 
-        _until(shadow_record, "the shadow's record", timeout=10)
+        until(shadow_record, "the shadow's record", timeout=10)
     finally:
         stop = pb.StopExperimentRequest(id=created.id)
         stack.stub.StopExperiment(stop, metadata=ADMIN, timeout=30)
@@ -405,10 +390,10 @@ def test_killing_one_of_two_workers_under_load_fails_no_request(stack: Stack) ->
     for client in clients:
         client.start()
     try:
-        _until(lambda: outcomes["ok"] >= 40, "load")
+        until(lambda: outcomes["ok"] >= 40, "load")
         stack.workers[1].process.send_signal(signal.SIGKILL)
         killed_at = outcomes["ok"]
-        _until(lambda: outcomes["ok"] >= killed_at + 150, "load after the kill")
+        until(lambda: outcomes["ok"] >= killed_at + 150, "load after the kill")
     finally:
         stop.set()
         for client in clients:

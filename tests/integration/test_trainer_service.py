@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from loopline.v1 import trainer_pb2_grpc as pb_grpc
 from services.inference.records import InferenceRecord
 from tests.fixtures.mlflow_store import clone_store
 from tests.fixtures.redis import RedisServer
+from tests.fixtures.waiting import free_port, until
 
 TOKEN = "trainer-test-token"
 ADMIN = bearer_metadata(TOKEN)
@@ -39,12 +39,6 @@ TINY = {  # the tiny recipe (tests/fixtures/packages.py), as a job spec's hyperp
     "warmup_ratio": 0.0,
     "extra": {"head_learning_rate": "0.01", "dropout": "0.0", "patience": "3"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -62,7 +56,7 @@ class Trainer:
             stdout=log,
             stderr=log,
         )
-        _until(self.ready, "the trainer to serve")
+        until(self.ready, "the trainer to serve", 120)
 
     def ready(self) -> bool:
         try:
@@ -83,14 +77,6 @@ class Trainer:
 
     def tail(self) -> str:
         return (self.home / "trainer.log").read_text(errors="replace")[-3000:]
-
-
-def _until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
@@ -115,7 +101,7 @@ def stack(
     store = clone_store(mlflow_template, home / "mlflow")
     redis_server.start()
     redis_server.flushall()
-    port = _free_port()
+    port = free_port()
     env = {
         "LOOPLINE_TRAINER_PORT": str(port),
         "LOOPLINE_TRAINER_HOME": str(home / "trainer"),
@@ -261,12 +247,13 @@ def test_bad_specs_and_missing_tokens_are_refused(stack: Stack) -> None:
 def test_cancel_and_restart(stack: Stack) -> None:
     long = spec(stack, epochs=100, hyperparameters={**TINY, "extra": {"patience": "100"}})
     running = submit(stack, long)
-    _until(
+    until(
         lambda: (
             stack.stub.GetJob(pb.GetJobRequest(id=running.id), timeout=5).state
             == pb.JOB_STATE_TRAINING
         ),
         "the job to train",
+        120,
     )
     cancelled = stack.stub.CancelJob(
         pb.CancelJobRequest(id=running.id, reason="test"), metadata=ADMIN, timeout=30
@@ -276,12 +263,13 @@ def test_cancel_and_restart(stack: Stack) -> None:
     # A trainer killed mid-job: the running job is interrupted, the queued one still runs.
     interrupted = submit(stack, long)
     queued = submit(stack, spec(stack, alias="", promotion="none"))
-    _until(
+    until(
         lambda: (
             stack.stub.GetJob(pb.GetJobRequest(id=interrupted.id), timeout=5).state
             == pb.JOB_STATE_TRAINING
         ),
         "the job to train",
+        120,
     )
     stack.trainer.stop(signal.SIGKILL)
     stack.trainer.start()

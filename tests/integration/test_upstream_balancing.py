@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from services.router import oip
 from services.router.balancer import Balancer
 from services.router.discovery import HeartbeatDiscovery, StaticDiscovery
 from services.router.domain import ModelRef
+from tests.fixtures.waiting import free_port
 
 if TYPE_CHECKING:
     from tests.fixtures.redis import RedisServer
@@ -310,12 +310,6 @@ def test_heartbeat_discovery_keeps_the_last_good_list_while_redis_is_down(
 # ----- real inference workers -----
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _package_copy(source: Path, target: Path, name: str, version: str) -> Path:
     """The tiny package under another name and a registry-style version number."""
     shutil.copytree(source, target)
@@ -342,7 +336,7 @@ class WorkerProcess:
 
 def _spawn_worker(package: Path, redis_url: str, home: Path) -> WorkerProcess:
     home.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         LOOPLINE_INFERENCE_MODELS=json.dumps([str(package)]),
