@@ -9,7 +9,6 @@ with its traceback and answered with a generic INTERNAL that carries only a shor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import inspect
 import json
@@ -255,6 +254,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, service: str, metrics: RequestMetrics | None = None) -> None:
         self._service = service
         self._metrics = metrics if metrics is not None else request_metrics()
+        # grpc.aio calls intercept_service for every RPC: wrap each method's handler once.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # method -> (handler, wrapped handler)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -263,9 +264,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED, no metrics label minted
         method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         field = _behavior_field(handler)
         wrapped = self._wrap(getattr(handler, field), method)
-        return handler._replace(**{field: wrapped}) if wrapped is not None else handler
+        result = handler._replace(**{field: wrapped}) if wrapped is not None else handler
+        self._wrapped[method] = (handler, result)
+        return result
 
     def _wrap(self, behavior: Behavior, method: str) -> Behavior | None:
         if inspect.isasyncgenfunction(behavior):
@@ -275,43 +281,59 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return None
 
     def _wrap_unary(self, behavior: Behavior, method: str) -> Behavior:
+        # Inline rather than an async context manager: this runs on every call.
+        observe = self._metrics.observer(self._service, method)
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._guard(method, context):
+            started = time.perf_counter()
+            failure: ErrorKind | None = None
+            try:
                 return await behavior(request, context)
-            raise AssertionError("unreachable: _guard re-raises or aborts")  # pragma: no cover
+            except (grpc.aio.AbortError, asyncio.CancelledError) as err:
+                failure = _passed_through(err, context)
+                raise
+            except Exception as err:
+                failure = err.kind if isinstance(err, LooplineError) else ErrorKind.INTERNAL
+                await _abort(err, method, context)
+            finally:
+                observe(time.perf_counter() - started, failure)
 
         return wrapped
 
     def _wrap_stream(self, behavior: Behavior, method: str) -> Behavior:
+        observe = self._metrics.observer(self._service, method)
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._guard(method, context):
+            started = time.perf_counter()
+            failure: ErrorKind | None = None
+            try:
                 async for response in behavior(request, context):
                     yield response
+            except (grpc.aio.AbortError, asyncio.CancelledError) as err:
+                failure = _passed_through(err, context)
+                raise
+            except Exception as err:
+                failure = err.kind if isinstance(err, LooplineError) else ErrorKind.INTERNAL
+                await _abort(err, method, context)
+            finally:
+                observe(time.perf_counter() - started, failure)
 
         return wrapped
 
-    @contextlib.asynccontextmanager
-    async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        failure: ErrorKind | None = None
-        try:
-            yield
-        except grpc.aio.AbortError:
-            # The handler aborted by itself: the status is already set, only count it.
-            failure = KIND_BY_STATUS.get(context.code(), ErrorKind.INTERNAL)
-            raise
-        except asyncio.CancelledError:
-            failure = ErrorKind.CANCELLED  # the caller went away or its deadline passed
-            raise
-        except LooplineError as err:
-            failure = err.kind
-            await context.abort(STATUS_BY_KIND[err.kind], err.message, _error_metadata(err))
-        except Exception:
-            failure = ErrorKind.INTERNAL
-            await context.abort(grpc.StatusCode.INTERNAL, _log_unexpected(method))
-        finally:
-            seconds = time.perf_counter() - started
-            self._metrics.observe(self._service, method, seconds, failure)
+
+async def _abort(err: Exception, method: str, context: grpc.aio.ServicerContext) -> None:
+    """End the call with the status `err` maps to (`context.abort` raises AbortError)."""
+    if isinstance(err, LooplineError):
+        await context.abort(STATUS_BY_KIND[err.kind], err.message, _error_metadata(err))
+    await context.abort(grpc.StatusCode.INTERNAL, _log_unexpected(method))
+
+
+def _passed_through(err: BaseException, context: grpc.aio.ServicerContext) -> ErrorKind:
+    """The kind of a failure that is re-raised as it is: the handler's own abort (its status is
+    already set) or a cancellation (the caller went away or its deadline passed)."""
+    if isinstance(err, asyncio.CancelledError):
+        return ErrorKind.CANCELLED
+    return KIND_BY_STATUS.get(context.code(), ErrorKind.INTERNAL)
 
 
 def _behavior_field(handler: grpc.RpcMethodHandler) -> str:

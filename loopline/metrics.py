@@ -8,6 +8,7 @@ observed), `kind` an `ErrorKind` value.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -60,9 +61,19 @@ class RequestMetrics:
 
     def observe(self, service: str, method: str, seconds: float, failure: str | None) -> None:
         """Record one finished RPC; `failure` is the error kind, or None when it succeeded."""
-        self.duration.labels(service, method).observe(seconds)
-        if failure is not None:
-            self.failures.labels(service, method, failure).inc()
+        self.observer(service, method)(seconds, failure)
+
+    def observer(self, service: str, method: str) -> Callable[[float, str | None], None]:
+        """`observe` for one method, with its duration series looked up once (per-call path)."""
+        duration = self.duration.labels(service, method)
+        failures = self.failures
+
+        def observe(seconds: float, failure: str | None) -> None:
+            duration.observe(seconds)
+            if failure is not None:
+                failures.labels(service, method, failure).inc()
+
+        return observe
 
 
 @functools.cache

@@ -192,12 +192,17 @@ class Router:
         for index, route in enumerate(routes):
             groups.setdefault(route.group_key(), []).append(index)
         answers: list[Classification | None] = [None] * len(calls)
-        await asyncio.gather(
-            *(
-                self._forward_group(calls, routes, members, answers, deadline, started)
-                for members in groups.values()
+        if len(groups) == 1:
+            # The common case (one Classify, or a batch for one model): no task to schedule.
+            (members,) = groups.values()
+            await self._forward_group(calls, routes, members, answers, deadline, started)
+        else:
+            await asyncio.gather(
+                *(
+                    self._forward_group(calls, routes, members, answers, deadline, started)
+                    for members in groups.values()
+                )
             )
-        )
         return [a for a in answers if a is not None]
 
     async def _forward_group(

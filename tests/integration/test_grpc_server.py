@@ -125,7 +125,7 @@ def test_reflection_lists_services() -> None:
 
 
 def test_errors_become_status_codes() -> None:
-    async def body(_server: GrpcServer, channel: grpc.aio.Channel, _echo: Echo) -> None:
+    async def body(server: GrpcServer, channel: grpc.aio.Channel, _echo: Echo) -> None:
         assert await unary(channel, "Echo")(b"hi") == b"hi"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await unary(channel, "Fail")(b"sentiment")
@@ -140,6 +140,24 @@ def test_errors_become_status_codes() -> None:
             await unary(channel, "Crash")(b"")
         assert caught.value.code() is grpc.StatusCode.INTERNAL
         assert "secret" not in (caught.value.details() or "")
+        # A second failure of the same method goes through the handler wrapped on the first.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(channel, "Fail")(b"sentiment")
+        assert await unary(channel, "Echo")(b"again") == b"again"
+
+        registry = server._metrics.registry
+
+        def sample(name: str, method: str, **labels: str) -> float | None:
+            value = registry.get_sample_value(
+                name, {"service": "test", "method": f"/{SERVICE}/{method}", **labels}
+            )
+            return None if value is None else float(value)
+
+        assert sample("loopline_request_duration_seconds_count", "Echo") == 2
+        assert sample("loopline_request_failures_total", "Echo", kind="not_found") is None
+        assert sample("loopline_request_duration_seconds_count", "Fail") == 2
+        assert sample("loopline_request_failures_total", "Fail", kind="not_found") == 2
+        assert sample("loopline_request_failures_total", "Crash", kind="internal") == 1
 
     run_server(body)
 
