@@ -11,7 +11,9 @@ Measured in one run, on one machine, so the ratios hold even when the machine is
    sizes; the best sentences/s is the ceiling, batch 1 gives the latency floor;
 2. a worker process (`python -m services.inference`) driven by a grpc.aio load generator, one text
    per request, at several concurrencies: sentences/s and p50/p95/p99 latency;
-3. the worker's RSS after the load.
+3. a lone request: the worker at concurrency 1 against the same texts alone in-process, in
+   alternating rounds, whose p50 difference is the worker's added latency;
+4. the worker's RSS after the load.
 Results: bench/results/inference.json and bench/results/inference.png.
 """
 
@@ -126,6 +128,51 @@ def in_process(package: Path, variant: str, corpus: list[str]) -> dict[str, Any]
     return rows
 
 
+def lone_in_process(engine: Any, ids: list[list[int]], pad_id: int) -> list[float]:
+    """Seconds per call for each text run alone (batch 1), as the worker runs a lone text."""
+    from loopline.runtime import pad
+
+    latencies = []
+    for row in ids:
+        started = time.perf_counter()
+        engine.run(*pad([row], pad_id))
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def lone_rounds(
+    package: Path, variant: str, corpus: list[str], address: str, model: str, rounds: int = 3
+) -> dict[str, Any]:
+    """A lone request through the worker against the same text alone in-process, measured in
+    alternating rounds (in-process, worker, in-process, ...) so that a machine getting busier
+    part-way through moves both sides alike; the worker idles (no spinning) while in-process runs.
+    """
+    from loopline.package import read_manifest
+    from loopline.runtime import PackageTokenizer
+    from services.inference.engines.onnx import OnnxEngine, OnnxOptions
+
+    manifest = read_manifest(package)
+    engine = OnnxEngine.load(package, manifest, OnnxOptions(cpu_variant=variant))  # type: ignore[arg-type]
+    sample = corpus[::4]
+    ids = [t.ids for t in PackageTokenizer(package, manifest).tokenize(sample)]
+    local: list[float] = []
+    remote: list[float] = []
+    try:
+        for _ in range(rounds):
+            local += lone_in_process(engine, ids, manifest.pad_token_id)
+            await drive(address, model, sample, 1, 2.0, samples=remote)
+    finally:
+        engine.close()
+    in_process_p50 = percentiles(local)["p50_ms"]
+    worker_p50 = percentiles(remote)["p50_ms"]
+    return {
+        "rounds": rounds,
+        "in_process_batch1": percentiles(local),
+        "worker": percentiles(remote),
+        "overhead_p50_ms": round(worker_p50 - in_process_p50, 3),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -173,9 +220,15 @@ async def wait_ready(address: str, timeout: float = 120) -> None:
 
 
 async def drive(
-    address: str, model: str, corpus: list[str], concurrency: int, seconds: float
+    address: str,
+    model: str,
+    corpus: list[str],
+    concurrency: int,
+    seconds: float,
+    samples: list[float] | None = None,
 ) -> dict[str, Any]:
-    """`concurrency` callers, one text per request, for `seconds`."""
+    """`concurrency` callers, one text per request, for `seconds`; latencies also go to
+    `samples` when given."""
     import grpc
 
     from loopline.oip import grpc_service_pb2 as pb
@@ -210,6 +263,8 @@ async def drive(
         started = time.monotonic()
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
         elapsed = time.monotonic() - started
+    if samples is not None:
+        samples.extend(latencies)
     return {
         "concurrency": concurrency,
         "sentences_per_s": round(len(latencies) / elapsed, 1),
@@ -273,6 +328,7 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             results["worker"] = [
                 await drive(address, model, corpus, c, seconds) for c in CONCURRENCIES
             ]
+            results["lone"] = await lone_rounds(package, variant, corpus, address, model)
             results["worker_rss_mb_under_load"] = rss_mb(process.pid)
             # The worker returns freed memory once idle (LOOPLINE_INFERENCE_MEMORY_TRIM_SECONDS).
             await asyncio.sleep(4)
@@ -282,11 +338,13 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             process.wait(timeout=60)
     best = max(r["sentences_per_s"] for r in results["worker"])
     ceiling = results["in_process"]["ceiling_sentences_per_s"]
-    lone = results["worker"][0]["p50_ms"] - results["in_process"]["batch1_latency"]["p50_ms"]
+    lone = results["lone"]["overhead_p50_ms"]
     results["summary"] = {
         "worker_best_sentences_per_s": best,
         "ceiling_sentences_per_s": ceiling,
         "worker_vs_ceiling": round(best / ceiling, 3),
+        "lone_request_p50_ms": results["lone"]["worker"]["p50_ms"],
+        "in_process_batch1_p50_ms": results["lone"]["in_process_batch1"]["p50_ms"],
         "lone_request_overhead_ms": round(lone, 3),
         "worker_rss_mb_right_after_load": results["worker_rss_mb_under_load"],
         "worker_rss_mb": results["worker_rss_mb"],
