@@ -330,8 +330,9 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             ]
             results["lone"] = await lone_rounds(package, variant, corpus, address, model)
             results["worker_rss_mb_under_load"] = rss_mb(process.pid)
-            # The worker returns freed memory once idle (LOOPLINE_INFERENCE_MEMORY_TRIM_SECONDS).
-            await asyncio.sleep(4)
+            # The worker returns freed memory after one whole quiet interval
+            # (LOOPLINE_INFERENCE_MEMORY_TRIM_SECONDS, 2 s): within 4 s of the last request.
+            await asyncio.sleep(5)
             results["worker_rss_mb"] = rss_mb(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)

@@ -312,7 +312,8 @@ class Batcher:
         self._on_batch = on_batch
         self._queue = BatchQueue(settings.max_queue_size)
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._free_slots = settings.concurrency  # executions that may start now
+        self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
         self._prefetched: _Prepared | None = None  # formed, waiting for a slot
@@ -338,14 +339,38 @@ class Batcher:
             self._loop(), name=f"batcher-{self._name}"
         )
 
-    def submit(self, ids: list[int], deadline: float | None) -> asyncio.Future[Result]:
-        """Queue one text; raise `Overloaded` when full or `NotReady` when not running."""
+    def submit(
+        self, ids: list[int], deadline: float | None, *, alone: bool = False
+    ) -> asyncio.Future[Result]:
+        """Queue one text; raise `Overloaded` when full or `NotReady` when not running.
+
+        `alone`: the caller sends no other text with this one (a single-text request). On an
+        idle model it is then dispatched at once instead of by the loop task a scheduling round
+        later; texts submitted together without it still wait for the loop to batch them.
+        """
         if self._stopping or self._task is None:
             raise NotReady(f"model {self._name} is not accepting requests", model=self._name)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.put(Entry(list(ids), future, time.monotonic(), deadline))
+        if alone and self._runs_at_once():
+            prepared = self._form()
+            if prepared is not None:
+                self._free_slots -= 1
+                self._dispatch(prepared)
+            return future
         self._wakeup.set()
         return future
+
+    def _runs_at_once(self) -> bool:
+        """Whether what was just queued is alone, with nothing to wait for: no company expected
+        (no queue delay), a free execution slot, and no batch formed and waiting for one."""
+        return (
+            len(self._queue) == 1
+            and self._free_slots > 0
+            and self._prefetched is None
+            and self._settings.max_queue_delay == 0
+            and not self._stopping
+        )
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, finish everything queued and in flight, then end the loop task."""
@@ -395,11 +420,14 @@ class Batcher:
         self._prefetched = self._form()
         if self._prefetched is None:
             return  # every candidate had gone or expired
-        await self._slots.acquire()
+        while self._free_slots == 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()  # set by a finishing batch
+        self._free_slots -= 1
         try:
             prepared = self._refresh(self._prefetched)
         except BaseException:
-            self._slots.release()
+            self._release_slot()
             raise
         self._prefetched = None
         self._dispatch(prepared)
@@ -437,7 +465,7 @@ class Batcher:
             or self._queue.queued_tokens >= settings.max_batch_tokens
         ):
             return 0.0  # full: nothing to gain by waiting, form it now (prefetch if busy)
-        if self._slots.locked():
+        if self._free_slots == 0:
             return None  # a slot freeing up sets the event
         if self._stopping:
             return 0.0  # draining: waiting for company only delays shutdown
@@ -462,7 +490,7 @@ class Batcher:
 
     def _dispatch(self, prepared: _Prepared | None) -> None:
         if prepared is None:
-            self._slots.release()
+            self._release_slot()
             return
         self._in_flight += len(prepared.entries)
         task = asyncio.get_running_loop().create_task(self._execute(prepared))
@@ -491,8 +519,12 @@ class Batcher:
             _fail_all(prepared.entries, error)
         finally:
             self._in_flight -= len(prepared.entries)
-            self._slots.release()
+            self._release_slot()
             self._wakeup.set()
+
+    def _release_slot(self) -> None:
+        self._free_slots += 1
+        self._slot_freed.set()
 
     def _compute(
         self, input_ids: np.ndarray, attention_mask: np.ndarray

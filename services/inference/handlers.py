@@ -139,8 +139,9 @@ class DataPlane:
     ) -> list[Result]:
         futures: list[asyncio.Future[Result]] = []
         try:
+            alone = len(tokens) == 1
             for item in tokens:
-                futures.append(model.batcher.submit(item.ids, deadline))
+                futures.append(model.batcher.submit(item.ids, deadline, alone=alone))
             return list(await asyncio.gather(*futures))
         except BaseException:
             # One failure fails the request: the other texts need not be computed.

@@ -30,6 +30,26 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
+class TrimSchedule:
+    """When to give freed memory back: after an interval in which no batch ran, once per burst.
+
+    `due` is called once per interval with the batch counter and whether anything is queued or
+    running right now.
+    """
+
+    def __init__(self, batches: int = 0) -> None:
+        self._seen = batches  # the counter at the previous call
+        self._trimmed_at = batches  # the counter at the last trim (nothing to trim before work)
+
+    def due(self, batches: int, busy: bool) -> bool:
+        quiet = batches == self._seen
+        self._seen = batches
+        if quiet and not busy and batches != self._trimmed_at:
+            self._trimmed_at = batches
+            return True
+        return False
+
+
 class Worker:
     """Everything one worker process runs, built from settings (also used in-process by tests)."""
 
@@ -109,21 +129,23 @@ class Worker:
         self.metrics.batch(model, stats)
 
     async def _trim_when_idle(self, interval: float) -> None:
-        """Return freed memory to the OS after work, once nothing is queued or running.
+        """Return freed memory to the OS after work, once a whole interval passed without any.
 
         Activation buffers of large batches stay in the heap after a burst; trimming only when
         idle keeps RSS low without slowing batches (see OnnxOptions.malloc_mmap_threshold_bytes).
+        Idle means no batch ran during the last interval and none is queued or running: under
+        steady light load the model is idle between most requests, and a trim then would cost
+        every few seconds what the heap would soon need again.
         """
         from services.inference.engines.onnx import release_free_memory
 
-        trimmed_at = 0
+        trim = TrimSchedule(self.batches)
         while True:
             await asyncio.sleep(interval)
             busy = any(
                 m.batcher.queue_depth or m.batcher.in_flight for m in self.repository.served()
             )
-            if not busy and self.batches != trimmed_at:
-                trimmed_at = self.batches
+            if trim.due(self.batches, busy):
                 await asyncio.to_thread(release_free_memory)
 
     def _record_writer(self) -> Any:

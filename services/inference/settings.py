@@ -99,5 +99,6 @@ class InferenceSettings(ServiceSettings):
     memory_trim_seconds: float = Field(
         default=2.0,
         ge=0,
-        description="When idle this long after work, return freed memory to the OS; 0 = never.",
+        description="After a whole interval this long without a batch, return freed memory to "
+        "the OS (once per burst); 0 = never.",
     )

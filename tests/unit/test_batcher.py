@@ -348,3 +348,36 @@ def test_submit_before_start_is_not_ready() -> None:
             batcher.submit([1], None)
 
     asyncio.run(scenario())
+
+
+def test_memory_is_trimmed_after_a_quiet_interval_once_per_burst() -> None:
+    from services.inference.main import TrimSchedule
+
+    trim = TrimSchedule(0)
+    assert not trim.due(0, busy=False)  # nothing ran yet: nothing to give back
+    assert not trim.due(5, busy=False)  # batches ran during this interval: not quiet
+    assert trim.due(5, busy=False)  # a whole interval without a batch: trim
+    assert not trim.due(5, busy=False)  # already trimmed after this burst
+    assert not trim.due(6, busy=False)  # light steady load: a batch in every interval
+    assert not trim.due(7, busy=False)
+    assert not trim.due(7, busy=True)  # quiet counter, but a batch is running right now
+    assert trim.due(7, busy=False)
+
+
+def test_a_lone_text_on_an_idle_model_is_dispatched_without_waiting_for_the_loop() -> None:
+    async def scenario(batcher: Batcher, engine: GatedEngine) -> None:
+        engine.gate.clear()
+        first = batcher.submit([1, 2], None, alone=True)
+        # Dispatched inside submit: in flight before this coroutine yields even once.
+        assert (batcher.in_flight, batcher.queue_depth) == (1, 0)
+        # The only slot is taken now: the next lone text queues for the loop as usual.
+        second = batcher.submit([3], None, alone=True)
+        assert (batcher.in_flight, batcher.queue_depth) == (1, 1)
+        # Texts sent together are left to the loop, which batches them.
+        together = [batcher.submit([4], None), batcher.submit([5], None)]
+        assert batcher.queue_depth == 3
+        engine.gate.set()
+        answers = await results([first, second, *together])
+        assert [a.batch_size for a in answers] == [1, 3, 3, 3]
+
+    run(scenario)

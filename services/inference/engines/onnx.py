@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,12 +294,8 @@ def pin_malloc_mmap_threshold(threshold_bytes: int) -> bool:
 
     Process-wide and idempotent; the same as starting with `MALLOC_MMAP_THRESHOLD_` set.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # musl, macOS: no mallopt, and their allocators return memory themselves
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
 
 
 def release_free_memory() -> bool:
@@ -306,12 +303,17 @@ def release_free_memory() -> bool:
 
     Cheap when little is free; the worker calls it only when no batch is queued or running.
     """
+    trim = getattr(_libc(), "malloc_trim", None)
+    return trim is not None and bool(trim(0))
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, loaded once: `find_library` runs `ldconfig` in a child process each call."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None  # musl, macOS: no mallopt/malloc_trim, and their allocators return memory
 
 
 _FEEDS = ("input_ids", "attention_mask")
