@@ -140,22 +140,30 @@ def evaluate(rules: Rules, inputs: RuleInputs) -> list[Condition]:
                 f"{rules.latency_p99_ms:.1f} ms",
             )
         )
-    for experiment, p_value in inputs.srm.items():
-        out.append(
-            Condition(
-                "srm",
-                "experiment",
-                "critical",
-                name,
-                version,
-                p_value < rules.srm_p_value,
-                f"experiment {experiment}: variant shares do not match the weights "
-                f"(sample-ratio mismatch, p={p_value:.2g}); check assignment and logging",
-                detail=experiment,
-                fields={"experiment_id": experiment, "p_value": f"{p_value:.3g}"},
-            )
-        )
+    out += [
+        srm_condition(rules, name, version, experiment, p_value)
+        for experiment, p_value in inputs.srm.items()
+    ]
     return out
+
+
+def srm_condition(
+    rules: Rules, model: str, version: str, experiment: str, p_value: float
+) -> Condition:
+    """The sample-ratio rule for one experiment: its variant shares are this unlikely under its
+    weights (the checker passes version "" : the experiment spans versions)."""
+    return Condition(
+        "srm",
+        "experiment",
+        "critical",
+        model,
+        version,
+        p_value < rules.srm_p_value,
+        f"experiment {experiment}: variant shares do not match the weights "
+        f"(sample-ratio mismatch, p={p_value:.2g}); check assignment and logging",
+        detail=experiment,
+        fields={"experiment_id": experiment, "p_value": f"{p_value:.3g}"},
+    )
 
 
 class AlertBook:

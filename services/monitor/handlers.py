@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from loopline.errors import FailedPrecondition, InvalidInput, NotFound, NotReady
 from loopline.logging import get_logger
 from services.monitor import stats as st
-from services.monitor.alerts import AlertBook, RuleInputs, Rules, evaluate
+from services.monitor.alerts import AlertBook, Condition, RuleInputs, Rules, evaluate, srm_condition
 from services.monitor.drift import DriftResult, LiveSamples, Reference, check_drift, save_html
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.retrain import Retrainer
@@ -323,11 +323,28 @@ class Checker:
                         await self.retrainer.trigger(
                             model, alert.message, alert_id=alert.id, since=since
                         )
+        written += await self.book.apply(await self.experiment_conditions(now), now)
         if self.metrics is not None:
             firing = [a.rule for a in await self.book.firing()]
             for rule in ("drift", "accuracy_floor", "latency_slo", "srm"):
                 self.metrics.firing.labels(rule).set(firing.count(rule))
         return written
+
+    async def experiment_conditions(self, now: float) -> list[Condition]:
+        """The sample-ratio rule for every experiment with traffic: a running one is judged on
+        its assignments since it started; one no longer running resolves what it had raised."""
+        conditions = []
+        for experiment_id in await self.views.state.experiments():
+            try:
+                report = await self.views.experiment_report(experiment_id, None, now, 0.95)
+            except NotFound:
+                continue  # deleted from the router's store: nothing left to judge
+            running = report.experiment.raw.get("status") == "running"
+            p_value = report.srm.p_value if running and report.srm is not None else 1.0
+            conditions.append(
+                srm_condition(self.rules, report.experiment.model, "", experiment_id, p_value)
+            )
+        return conditions
 
     async def _inputs(self, model: str, version: str, now: float) -> RuleInputs:
         start = now - self.window * 10
