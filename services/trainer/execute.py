@@ -171,6 +171,8 @@ def _train_request(spec: JobSpec, data: Path, validation: Path | None, ctx: JobC
     }
     if spec.validation_fraction is not None:
         fields["validation_fraction"] = spec.validation_fraction
+    if spec.gate is not None:
+        fields["max_export_error"] = spec.gate.max_export_error  # the export parity limit
     return with_preset(TrainRequest.model_validate(fields))
 
 

@@ -77,6 +77,11 @@ class TrainRequest(BaseModel):
     int8_max_drop_points: float = Field(
         0.5, description="largest int8 accuracy loss vs fp32, in points, before export is refused"
     )
+    max_export_error: float = Field(
+        1e-3,
+        gt=0,
+        description="largest |ONNX fp32 - PyTorch| logit difference before export is refused",
+    )
 
 
 @dataclass
@@ -397,6 +402,7 @@ def build_package(
         int8=request.int8,
         fp16=request.fp16,
         max_int8_accuracy_drop_points=request.int8_max_drop_points,
+        max_abs_logit_diff=request.max_export_error,
     )
     pad_id = int(prep.tokenizer.pad_token_id or 0)
     # Static int8 activation scales are calibrated on training text, never on validation text.

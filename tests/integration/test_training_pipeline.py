@@ -271,3 +271,26 @@ def test_export_failing_a_parity_gate_is_refused_with_figures_and_not_registered
     assert client.search_registered_models() == []
     runs = client.search_runs([mlflow_store.experiment("loopline-training")])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_an_export_further_from_pytorch_than_allowed_is_refused(
+    tiny_model_factory: object,
+    sentiment_files: tuple[Path, Path],
+    mlflow_store: MlflowStore,
+    tmp_path: Path,
+) -> None:
+    from services.trainer.export import ExportRefused
+
+    base = tiny_model_factory("bert")  # type: ignore[operator]
+    # ONNX and PyTorch differ by float rounding (about 1e-6): a 1e-12 limit cannot be met.
+    with pytest.raises(ExportRefused) as caught:
+        _train(
+            base,
+            sentiment_files,
+            mlflow_store,
+            tmp_path / "out",
+            max_export_error=1e-12,
+            train=TINY_RECIPE.model_copy(update={"epochs": 1}),
+        )
+    assert "differ from PyTorch" in caught.value.message
+    assert 0 < caught.value.details["fp32_max_abs_logit_diff"] < 1e-3

@@ -91,3 +91,15 @@ def test_an_empty_proto_source_is_refused() -> None:
     message = pb.JobSpec(name="m", data=[pb.DataSource()])
     with pytest.raises(InvalidInput, match=r"data\.0"):
         job_spec(message)
+
+
+@pytest.mark.parametrize(("gate", "limit"), [({"max_export_error": 1e-5}, 1e-5), (None, 1e-3)])
+def test_the_gates_export_error_limit_reaches_the_exporter(
+    gate: dict[str, float] | None, limit: float, tmp_path: Any
+) -> None:
+    from services.trainer.execute import JobContext, _train_request
+
+    spec = parse_spec({**BASE, "gate": gate, "base_model": ""})
+    ctx = JobContext(workdir=tmp_path, mlflow_uri="sqlite:///x.db", redis_url="redis://x")
+    request = _train_request(spec, tmp_path / "train.jsonl", None, ctx)
+    assert request.max_export_error == limit
