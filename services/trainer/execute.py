@@ -121,11 +121,12 @@ def _validation(spec: JobSpec, ctx: JobContext) -> Path | None:
     return write_jsonl(ctx.workdir / "validation.jsonl", texts, labels)
 
 
-def resolve_base(base_model: str, ctx: JobContext) -> str | None:
-    """A registered version (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) becomes the local
-    folder of its training checkpoint; anything else is passed on as it is."""
+def resolve_base(base_model: str, ctx: JobContext) -> tuple[str | None, str | None]:
+    """(what to load, what to record as the base model). A registered version
+    (`models:/NAME@ALIAS` or `models:/NAME/VERSION`) loads from the local folder of its training
+    checkpoint and is recorded as `models:/NAME/VERSION`; anything else is passed on as it is."""
     if not base_model.startswith("models:/"):
-        return base_model or None
+        return base_model or None, None
     from loopline.registry import Registry
 
     ref = base_model.removeprefix("models:/")
@@ -139,7 +140,7 @@ def resolve_base(base_model: str, ctx: JobContext) -> str | None:
     version = registry.resolve(name, rest)
     folder = registry.download_checkpoint(name, version, ctx.workdir / "base")
     log.info("continuing from a registered version", extra={"model": name, "version": version})
-    return str(folder)
+    return str(folder), f"models:/{name}/{version}"
 
 
 def _train_request(spec: JobSpec, data: Path, validation: Path | None, ctx: JobContext) -> Any:
@@ -156,12 +157,14 @@ def _train_request(spec: JobSpec, data: Path, validation: Path | None, ctx: JobC
         if value is not None:
             train[field] = value
     train.update(hyper.extra)  # unknown names fail TrainConfig's extra="forbid"
+    base, label = resolve_base(spec.base_model, ctx)
     fields: dict[str, Any] = {
         "data": data,
         "validation": validation,
         "text_column": "text",
         "label_column": "label",
-        "base_model": resolve_base(spec.base_model, ctx),
+        "base_model": base,
+        "base_model_label": label,
         "name": spec.name,
         "alias": None,  # the promotion policy moves the alias, after the gate
         "output": ctx.workdir / "out",

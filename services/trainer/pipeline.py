@@ -77,6 +77,11 @@ class TrainRequest(BaseModel):
     int8_max_drop_points: float = Field(
         0.5, description="largest int8 accuracy loss vs fp32, in points, before export is refused"
     )
+    base_model_label: str | None = Field(
+        None,
+        description="what versions record as their base model (default: base_model); a job "
+        "continuing a registered version records models:/NAME/VERSION, not its local copy",
+    )
     max_export_error: float = Field(
         1e-3,
         gt=0,
@@ -161,7 +166,7 @@ def prepare(request: TrainRequest) -> _Prepared:
         data=data,
         tokenizer=tokenizer,
         source=source,
-        base_name=base_name,
+        base_name=request.base_model_label or base_name,
         train=encode(tokenizer, data.train.texts, max_length),
         validation=encode(tokenizer, data.validation.texts, max_length),
         train_y=[index[x] for x in data.train.labels],

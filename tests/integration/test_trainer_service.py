@@ -221,6 +221,11 @@ def test_the_gate_keeps_champion_when_the_candidate_is_not_better_enough(stack: 
     assert not final.gate_passed
     assert "accuracy" in final.gate_reason
     assert Registry(stack.mlflow_uri).alias_version("tiny", "champion") == "1"
+    # The version records where it continued from, not the job's local copy of it.
+    from mlflow import MlflowClient
+
+    continued = MlflowClient(stack.mlflow_uri).get_model_version("tiny", final.model.version)
+    assert continued.tags["loopline.base_model"] == "models:/tiny/1"
 
     lenient = {"metric": "accuracy", "min_improvement": -1.0, "max_latency_factor": 100}
     message = spec(stack, base_model="models:/tiny@champion", promotion="gate", gate=lenient)
