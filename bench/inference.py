@@ -105,17 +105,19 @@ def in_process(package: Path, variant: str, corpus: list[str]) -> dict[str, Any]
     from loopline.package import read_manifest
     from loopline.runtime import PackageTokenizer, pad
     from services.inference.engines.onnx import OnnxEngine, OnnxOptions
+    from services.inference.main import default_pad_multiple
 
     manifest = read_manifest(package)
     engine = OnnxEngine.load(package, manifest, OnnxOptions(cpu_variant=variant))  # type: ignore[arg-type]
+    multiple = default_pad_multiple(engine.providers)  # batches padded as the worker pads them
     tokens = PackageTokenizer(package, manifest).tokenize(corpus)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
-    rows: dict[str, Any] = {"variant": engine.variant, "batches": {}}
+    rows: dict[str, Any] = {"variant": engine.variant, "pad_multiple": multiple, "batches": {}}
     for size in BATCH_SIZES:
         started = time.perf_counter()
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            engine.run(*pad([tokens[i].ids for i in chunk], manifest.pad_token_id))
+            engine.run(*pad([tokens[i].ids for i in chunk], manifest.pad_token_id, multiple))
         rows["batches"][size] = round(len(order) / (time.perf_counter() - started), 1)
     lone = []
     for index in range(0, len(tokens), 5):

@@ -80,13 +80,20 @@ class BatchSettings:
     max_queue_size: int = 1024  # admission bound (entries)
     overhead_tokens: int = 0  # a batch's fixed cost in padded tokens; 0 = fill batches
     concurrency: int = 1  # batches of this model executing at once
+    pad_multiple: int = 8  # batch width rounded up to this (8 for tensor cores; 1 on CPU)
 
     def __post_init__(self) -> None:
         if self.overhead_tokens < 0:
             raise ValueError(
                 f"BatchSettings.overhead_tokens must be >= 0, got {self.overhead_tokens}"
             )
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue_size", "concurrency"):
+        for name in (
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue_size",
+            "concurrency",
+            "pad_multiple",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"BatchSettings.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_delay < 0:
@@ -191,7 +198,12 @@ class BatchQueue:
         return max(0.0, now - self._entries[0].enqueued_at) if self._entries else 0.0
 
     def next_batch(
-        self, now: float, max_requests: int, max_tokens: int, overhead_tokens: int = 0
+        self,
+        now: float,
+        max_requests: int,
+        max_tokens: int,
+        overhead_tokens: int = 0,
+        pad_multiple: int = 8,
     ) -> list[Entry]:
         """Remove and return the next batch (possibly empty), in the order chosen.
 
@@ -205,7 +217,7 @@ class BatchQueue:
         self._replace(_drop_gone_and_expired(self._entries, now))
         if not self._entries:
             return []
-        chosen = _pick(self._entries, max_requests, max_tokens, overhead_tokens)
+        chosen = _pick(self._entries, max_requests, max_tokens, overhead_tokens, pad_multiple)
         taken = {id(entry) for entry in chosen}
         self._replace([e for e in self._entries if id(e) not in taken])
         return chosen
@@ -222,31 +234,37 @@ class BatchQueue:
 
 
 def _pick(
-    entries: list[Entry], max_requests: int, max_tokens: int, overhead_tokens: int = 0
+    entries: list[Entry],
+    max_requests: int,
+    max_tokens: int,
+    overhead_tokens: int = 0,
+    pad_multiple: int = 8,
 ) -> list[Entry]:
     anchor = entries[0]
     # Stable sort by distance keeps arrival order among equal distances: older first.
     candidates = sorted(entries[1:], key=lambda e: abs(e.tokens - anchor.tokens))
     chosen = [anchor]
     longest, real = anchor.tokens, anchor.tokens
-    best, best_size = _efficiency(real, 1, longest, overhead_tokens), 1
+    best, best_size = _efficiency(real, 1, longest, overhead_tokens, pad_multiple), 1
     for entry in candidates:
         if len(chosen) >= max_requests:
             break
-        width = padded_width(max(longest, entry.tokens))
+        width = padded_width(max(longest, entry.tokens), multiple=pad_multiple)
         # A candidate that breaks the budget may be followed by a shorter one that fits: skip
         # it rather than stop, so the batch stays as full as the budget allows.
         if (len(chosen) + 1) * width > max_tokens:
             continue
         chosen.append(entry)
         longest, real = max(longest, entry.tokens), real + entry.tokens
-        score = _efficiency(real, len(chosen), longest, overhead_tokens)
+        score = _efficiency(real, len(chosen), longest, overhead_tokens, pad_multiple)
         if score >= best:
             best, best_size = score, len(chosen)
     return chosen[:best_size]
 
 
-def _efficiency(real: int, rows: int, longest: int, overhead_tokens: int) -> float:
+def _efficiency(
+    real: int, rows: int, longest: int, overhead_tokens: int, pad_multiple: int = 8
+) -> float:
     """Real tokens per unit of cost, the cost being padded tokens plus a fixed cost per batch.
 
     With no per-batch cost (`overhead_tokens` 0) every prefix scores 1, so the batch is filled as
@@ -256,7 +274,7 @@ def _efficiency(real: int, rows: int, longest: int, overhead_tokens: int) -> flo
     """
     if overhead_tokens <= 0:
         return 1.0
-    return real / (rows * padded_width(longest, rows) + overhead_tokens)
+    return real / (rows * padded_width(longest, rows, pad_multiple) + overhead_tokens)
 
 
 @dataclass(eq=False)
@@ -272,8 +290,8 @@ class _Prepared:
         self.real_tokens = sum(entry.tokens for entry in self.entries)
 
 
-def _prepare(entries: list[Entry], pad_id: int) -> _Prepared:
-    input_ids, mask = collate([entry.ids for entry in entries], pad_id)
+def _prepare(entries: list[Entry], pad_id: int, pad_multiple: int = 8) -> _Prepared:
+    input_ids, mask = collate([entry.ids for entry in entries], pad_id, pad_multiple)
     return _Prepared(entries, input_ids, mask)
 
 
@@ -478,15 +496,16 @@ class Batcher:
             settings.max_batch_size,
             settings.max_batch_tokens,
             settings.overhead_tokens,
+            settings.pad_multiple,
         )
-        return _prepare(entries, self._pad_id) if entries else None
+        return _prepare(entries, self._pad_id, settings.pad_multiple) if entries else None
 
     def _refresh(self, prepared: _Prepared) -> _Prepared | None:
         """Drop entries that went away or expired while the batch waited for a slot."""
         alive = _drop_gone_and_expired(prepared.entries, time.monotonic())
         if len(alive) == len(prepared.entries):
             return prepared
-        return _prepare(alive, self._pad_id) if alive else None
+        return _prepare(alive, self._pad_id, self._settings.pad_multiple) if alive else None
 
     def _dispatch(self, prepared: _Prepared | None) -> None:
         if prepared is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,13 @@ from services.inference.settings import InferenceSettings
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+
+def default_pad_multiple(providers: Sequence[str]) -> int:
+    """8 where a GPU provider runs the graph (tensor cores want widths in multiples of 8), 1 on
+    CPU: rounding 20-token texts up to 24 or 32 is pure extra work there (sorted batches of 8 ran
+    at 563-575 sentences/s rounded to 8 against 612-625 unrounded, MiniLM int8, 2 cores)."""
+    return 8 if any(p != "CPUExecutionProvider" for p in providers) else 1
 
 
 class TrimSchedule:
@@ -88,10 +96,11 @@ class Worker:
         def build(directory: Path, manifest: Manifest) -> tuple[Any, Any]:
             engine = create_engine(EngineKind.ONNX, directory, manifest, options)
             label = manifest.name
+            multiple = settings.pad_multiple or default_pad_multiple(engine.providers)
             batcher = Batcher(
                 engine.run,
                 manifest.pad_token_id,
-                batch,
+                dataclasses.replace(batch, pad_multiple=multiple),
                 name=label,
                 on_batch=lambda s: self._on_batch(label, s),
             )

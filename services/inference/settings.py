@@ -51,6 +51,13 @@ class InferenceSettings(ServiceSettings):
         "where longer candidates would add more padding than they save; 0 fills every batch "
         "(raise it on GPUs, where a batch's fixed cost is high and padding is cheap).",
     )
+    pad_multiple: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Round a batch's width up to a multiple of this many tokens. Unset: 8 on a "
+        "GPU (tensor cores), 1 on CPU, where the rounding only adds work (measured 7-12 %).",
+    )
     max_queue_size: int = Field(default=2048, ge=1, description="Queued texts per model version.")
     concurrency: int = Field(default=1, ge=1, le=64, description="Batches run at once per model.")
     max_text_chars: int = Field(default=20_000, ge=1, description="Longer texts are refused.")

@@ -381,3 +381,22 @@ def test_a_lone_text_on_an_idle_model_is_dispatched_without_waiting_for_the_loop
         assert [a.batch_size for a in answers] == [1, 3, 3, 3]
 
     run(scenario)
+
+
+@pytest.mark.parametrize(("multiple", "width"), [(8, 16), (1, 9)])
+def test_batches_are_padded_to_the_configured_multiple(multiple: int, width: int) -> None:
+    settings = BatchSettings(max_queue_delay=0.0, pad_multiple=multiple)
+
+    async def scenario(batcher: Batcher, engine: GatedEngine) -> None:
+        answers = await results([batcher.submit([1] * n, None) for n in (5, 9)])
+        assert [(a.batch_size, a.padded_length) for a in answers] == [(2, width), (2, width)]
+
+    run(scenario, settings)
+
+
+def test_the_pad_multiple_follows_the_device() -> None:
+    from services.inference.main import default_pad_multiple
+
+    assert default_pad_multiple(["CPUExecutionProvider"]) == 1
+    assert default_pad_multiple(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
+    assert default_pad_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"]) == 8
