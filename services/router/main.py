@@ -9,6 +9,8 @@ the experiment cache and discovery, close channels and Redis.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -77,6 +79,7 @@ class RouterService:
     def __init__(self, settings: RouterSettings, metrics: RouterMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or RouterMetrics()
+        self._keeper: asyncio.Task[None] | None = None
         self.redis = connect(settings.redis_url)
         token = settings.admin_token.get_secret_value() if settings.admin_token else None
         self.balancer = Balancer(
@@ -124,6 +127,51 @@ class RouterService:
             on_shutdown=[self.router.drain_shadows, self.close],
         )
 
+    def needed_refs(self, now: float) -> list[ModelRef]:
+        """Every model version the experiments taking traffic at `now` send requests to."""
+        refs: dict[ModelRef, None] = {}
+        for exp in self.cache.experiments:
+            if exp.takes_traffic(now):
+                refs.update(dict.fromkeys(v.model for v in exp.variants))
+                refs.update(dict.fromkeys(s.model for s in exp.shadows))
+        return list(refs)
+
+    async def keep_served(self, interval: float) -> None:
+        """Every `interval`: load again any version a running experiment needs that no worker
+        serves now. Workers replaced by a rolling update or added by an autoscaler start with
+        their configured models only; without this, an arm whose workers were all replaced
+        would fail until someone loaded it by hand."""
+        loading: set[ModelRef] = set()
+
+        async def reload(ref: ModelRef) -> None:
+            try:
+                await self.ensure_served(ref)
+                log.info("experiment version served again", extra={"model": str(ref)})
+            except LooplineError as err:
+                log.warning(
+                    "cannot load a running experiment's version",
+                    extra={"model": str(ref), "error": err.message},
+                )
+            finally:
+                loading.discard(ref)
+
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if not self.balancer.discovery.snapshot():
+                    continue  # no worker known at all: nothing could load it
+                for ref in self.needed_refs(time.time()):
+                    if ref in loading or self.balancer.candidates(ref):
+                        continue
+                    loading.add(ref)
+                    task = asyncio.get_running_loop().create_task(reload(ref))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def ensure_served(self, ref: ModelRef) -> None:
         """Before an experiment runs: some worker must serve each version, loaded on demand."""
         if self.balancer.candidates(ref):
@@ -168,9 +216,16 @@ class RouterService:
             log.warning("experiments not loaded yet", extra={"error": err.message})
         self.cache.start()
         await self.balancer.start()
+        if self.settings.keep_served_seconds > 0:
+            self._keeper = asyncio.get_running_loop().create_task(
+                self.keep_served(self.settings.keep_served_seconds), name="keep-served"
+            )
         return await self.server.start()
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         await self.cache.stop()
         await self.balancer.close()
         await self.redis.aclose()

@@ -74,6 +74,13 @@ class RouterSettings(ServiceSettings):
         le=1.0,
         description="How often the experiment version key is checked (changes show within 1 s).",
     )
+    keep_served_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often running experiments are checked for a version no worker serves "
+        "any more (its workers replaced by a rollout or an autoscaler); such a version is "
+        "loaded again. 0 = never.",
+    )
     model_load_timeout_seconds: float = Field(
         default=180.0,
         gt=0,

@@ -25,6 +25,8 @@ import pytest
 import redis
 
 from loopline.auth import bearer_metadata
+from loopline.oip import grpc_service_pb2 as oip
+from loopline.oip import grpc_service_pb2_grpc as oip_grpc
 from loopline.registry import Registry
 from loopline.v1 import common_pb2 as common
 from loopline.v1 import router_pb2 as pb
@@ -107,6 +109,7 @@ def _router(home: Path, redis_url: str, mlflow_uri: str) -> Process:
         "LOOPLINE_ROUTER_LANGUAGE_ROUTES": json.dumps({"tiny": {"pt": "tiny-pt"}}),
         "LOOPLINE_ROUTER_MAX_BATCH_TEXTS": "8",
         "LOOPLINE_ROUTER_PROBE_SECONDS": "0.5",
+        "LOOPLINE_ROUTER_KEEP_SERVED_SECONDS": "0.5",
         "LOOPLINE_ADMIN_TOKEN": TOKEN,
         "LOOPLINE_REDIS_URL": redis_url,
         "LOOPLINE_MLFLOW_URI": mlflow_uri,
@@ -326,6 +329,24 @@ def test_a_running_experiment_splits_users_stickily_and_follows_weight_changes(
     first = variants_of(range(40))
     assert set(first.values()) == {"control", "candidate"}
     assert variants_of(range(40)) == first  # sticky
+
+    # Every worker drops version 2, as if a rollout had replaced them: the router loads it again.
+    for worker in stack.workers:
+        with grpc.insecure_channel(worker.address) as channel:
+            unload = oip.RepositoryModelUnloadRequest(model_name="tiny")
+            unload.parameters["version"].string_param = "2"
+            oip_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
+                unload, metadata=ADMIN, timeout=30
+            )
+    candidate = next(user for user, variant in first.items() if variant == "candidate")
+
+    def candidate_served() -> bool:
+        with contextlib.suppress(grpc.RpcError):
+            return classify(stack, "a good film", user_id=candidate).model.version == "2"
+        return False
+
+    until(candidate_served, "version 2 loaded again by the router", timeout=60)
+    assert variants_of(range(40)) == first
 
     update = pb.UpdateExperimentRequest(id=created.id, weights={"control": 100, "candidate": 0})
     stack.stub.UpdateExperiment(update, metadata=ADMIN, timeout=10)
