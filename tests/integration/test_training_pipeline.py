@@ -245,7 +245,19 @@ def test_optional_fp16_variant_agrees_with_fp32(trained: dict[str, object]) -> N
     assert manifest.parity.fp16_max_abs_logit_diff < 0.05
 
 
+@pytest.mark.parametrize(
+    ("limit", "message", "figure"),
+    [
+        # A negative allowance cannot be met: int8 would have to beat fp32.
+        ({"int8_max_drop_points": -1.0}, ("int8 accuracy", "--no-int8"), "int8_accuracy"),
+        # ONNX and PyTorch differ by float rounding (about 1e-6): 1e-12 cannot be met.
+        ({"max_export_error": 1e-12}, ("differ from PyTorch",), "fp32_max_abs_logit_diff"),
+    ],
+)
 def test_export_failing_a_parity_gate_is_refused_with_figures_and_not_registered(
+    limit: dict[str, float],
+    message: tuple[str, ...],
+    figure: str,
     tiny_model_factory: object,
     sentiment_files: tuple[Path, Path],
     mlflow_store: MlflowStore,
@@ -254,43 +266,18 @@ def test_export_failing_a_parity_gate_is_refused_with_figures_and_not_registered
     from services.trainer.export import ExportRefused
 
     base = tiny_model_factory("bert")  # type: ignore[operator]
-    # A negative allowance cannot be met: int8 would have to beat fp32.
     with pytest.raises(ExportRefused) as caught:
         _train(
             base,
             sentiment_files,
             mlflow_store,
             tmp_path / "out",
-            int8_max_drop_points=-1.0,
             train=TINY_RECIPE.model_copy(update={"epochs": 1}),
+            **limit,
         )
-    assert "int8 accuracy" in caught.value.message
-    assert "--no-int8" in caught.value.message
-    assert caught.value.details["int8_accuracy"] is not None
+    assert all(part in caught.value.message for part in message)
+    assert caught.value.details[figure] is not None
     client = mlflow_store.client()
     assert client.search_registered_models() == []
     runs = client.search_runs([mlflow_store.experiment("loopline-training")])
     assert [r.info.status for r in runs] == ["FAILED"]
-
-
-def test_an_export_further_from_pytorch_than_allowed_is_refused(
-    tiny_model_factory: object,
-    sentiment_files: tuple[Path, Path],
-    mlflow_store: MlflowStore,
-    tmp_path: Path,
-) -> None:
-    from services.trainer.export import ExportRefused
-
-    base = tiny_model_factory("bert")  # type: ignore[operator]
-    # ONNX and PyTorch differ by float rounding (about 1e-6): a 1e-12 limit cannot be met.
-    with pytest.raises(ExportRefused) as caught:
-        _train(
-            base,
-            sentiment_files,
-            mlflow_store,
-            tmp_path / "out",
-            max_export_error=1e-12,
-            train=TINY_RECIPE.model_copy(update={"epochs": 1}),
-        )
-    assert "differ from PyTorch" in caught.value.message
-    assert 0 < caught.value.details["fp32_max_abs_logit_diff"] < 1e-3
