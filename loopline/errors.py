@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -289,12 +289,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure: ErrorKind | None = None
             try:
                 return await behavior(request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError) as err:
-                failure = _passed_through(err, context)
-                raise
-            except Exception as err:
-                failure = err.kind if isinstance(err, LooplineError) else ErrorKind.INTERNAL
-                await _abort(err, method, context)
+            except BaseException as err:
+                failure = _failure_kind(err, context)
+                await _end_call(err, method, context)
             finally:
                 observe(time.perf_counter() - started, failure)
 
@@ -309,31 +306,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 async for response in behavior(request, context):
                     yield response
-            except (grpc.aio.AbortError, asyncio.CancelledError) as err:
-                failure = _passed_through(err, context)
-                raise
-            except Exception as err:
-                failure = err.kind if isinstance(err, LooplineError) else ErrorKind.INTERNAL
-                await _abort(err, method, context)
+            except BaseException as err:
+                failure = _failure_kind(err, context)
+                await _end_call(err, method, context)
             finally:
                 observe(time.perf_counter() - started, failure)
 
         return wrapped
 
 
-async def _abort(err: Exception, method: str, context: grpc.aio.ServicerContext) -> None:
-    """End the call with the status `err` maps to (`context.abort` raises AbortError)."""
+def _failure_kind(err: BaseException, context: grpc.aio.ServicerContext) -> ErrorKind | None:
+    """What the metrics count for a call that raised `err`; None for the generator and process
+    exits that are not a failure of the call."""
+    if isinstance(err, asyncio.CancelledError):
+        return ErrorKind.CANCELLED  # the caller went away or its deadline passed
+    if isinstance(err, grpc.aio.AbortError):
+        return KIND_BY_STATUS.get(context.code(), ErrorKind.INTERNAL)  # the handler's own abort
+    if isinstance(err, LooplineError):
+        return err.kind
+    return ErrorKind.INTERNAL if isinstance(err, Exception) else None
+
+
+async def _end_call(err: BaseException, method: str, context: grpc.aio.ServicerContext) -> NoReturn:
+    """End the call as `err` requires: a handler's error becomes its status (`context.abort`
+    raises AbortError); an abort, a cancellation or an exit goes on as it is."""
     if isinstance(err, LooplineError):
         await context.abort(STATUS_BY_KIND[err.kind], err.message, _error_metadata(err))
-    await context.abort(grpc.StatusCode.INTERNAL, _log_unexpected(method))
-
-
-def _passed_through(err: BaseException, context: grpc.aio.ServicerContext) -> ErrorKind:
-    """The kind of a failure that is re-raised as it is: the handler's own abort (its status is
-    already set) or a cancellation (the caller went away or its deadline passed)."""
-    if isinstance(err, asyncio.CancelledError):
-        return ErrorKind.CANCELLED
-    return KIND_BY_STATUS.get(context.code(), ErrorKind.INTERNAL)
+    if isinstance(err, Exception) and not isinstance(err, grpc.aio.AbortError):
+        await context.abort(grpc.StatusCode.INTERNAL, _log_unexpected(method))
+    raise err
 
 
 def _behavior_field(handler: grpc.RpcMethodHandler) -> str:

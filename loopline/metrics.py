@@ -59,12 +59,9 @@ class RequestMetrics:
             registry=registry,
         )
 
-    def observe(self, service: str, method: str, seconds: float, failure: str | None) -> None:
-        """Record one finished RPC; `failure` is the error kind, or None when it succeeded."""
-        self.observer(service, method)(seconds, failure)
-
     def observer(self, service: str, method: str) -> Callable[[float, str | None], None]:
-        """`observe` for one method, with its duration series looked up once (per-call path)."""
+        """What records one finished RPC of `method`: `(seconds, failure)`, the failure being
+        the error kind or None on success. The duration series is looked up once, here."""
         duration = self.duration.labels(service, method)
         failures = self.failures
 
