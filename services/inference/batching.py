@@ -22,7 +22,7 @@ import numpy as np
 
 from loopline.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, Overloaded
 from loopline.logging import get_logger
-from loopline.runtime import pad, padded_width, softmax
+from loopline.runtime import PAD_MULTIPLE, pad, padded_width, softmax
 from services.inference.engines.base import EngineOutput
 
 __all__ = [
@@ -80,7 +80,7 @@ class BatchSettings:
     max_queue_size: int = 1024  # admission bound (entries)
     overhead_tokens: int = 0  # a batch's fixed cost in padded tokens; 0 = fill batches
     concurrency: int = 1  # batches of this model executing at once
-    pad_multiple: int = 8  # batch width rounded up to this (8 for tensor cores; 1 on CPU)
+    pad_multiple: int = PAD_MULTIPLE  # batch widths round up to this (tensor cores; 1 on CPU)
 
     def __post_init__(self) -> None:
         if self.overhead_tokens < 0:
@@ -203,7 +203,7 @@ class BatchQueue:
         max_requests: int,
         max_tokens: int,
         overhead_tokens: int = 0,
-        pad_multiple: int = 8,
+        pad_multiple: int = PAD_MULTIPLE,
     ) -> list[Entry]:
         """Remove and return the next batch (possibly empty), in the order chosen.
 
@@ -237,8 +237,8 @@ def _pick(
     entries: list[Entry],
     max_requests: int,
     max_tokens: int,
-    overhead_tokens: int = 0,
-    pad_multiple: int = 8,
+    overhead_tokens: int,
+    pad_multiple: int,
 ) -> list[Entry]:
     anchor = entries[0]
     # Stable sort by distance keeps arrival order among equal distances: older first.
@@ -263,7 +263,7 @@ def _pick(
 
 
 def _efficiency(
-    real: int, rows: int, longest: int, overhead_tokens: int, pad_multiple: int = 8
+    real: int, rows: int, longest: int, overhead_tokens: int, pad_multiple: int
 ) -> float:
     """Real tokens per unit of cost, the cost being padded tokens plus a fixed cost per batch.
 
@@ -290,7 +290,7 @@ class _Prepared:
         self.real_tokens = sum(entry.tokens for entry in self.entries)
 
 
-def _prepare(entries: list[Entry], pad_id: int, pad_multiple: int = 8) -> _Prepared:
+def _prepare(entries: list[Entry], pad_id: int, pad_multiple: int) -> _Prepared:
     input_ids, mask = collate([entry.ids for entry in entries], pad_id, pad_multiple)
     return _Prepared(entries, input_ids, mask)
 
@@ -331,7 +331,6 @@ class Batcher:
         self._queue = BatchQueue(settings.max_queue_size)
         self._wakeup = asyncio.Event()
         self._free_slots = settings.concurrency  # executions that may start now
-        self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
         self._prefetched: _Prepared | None = None  # formed, waiting for a slot
@@ -387,7 +386,6 @@ class Batcher:
             and self._free_slots > 0
             and self._prefetched is None
             and self._settings.max_queue_delay == 0
-            and not self._stopping
         )
 
     async def drain_and_stop(self) -> None:
@@ -439,13 +437,14 @@ class Batcher:
         if self._prefetched is None:
             return  # every candidate had gone or expired
         while self._free_slots == 0:
-            self._slot_freed.clear()
-            await self._slot_freed.wait()  # set by a finishing batch
+            # A finishing batch sets it; a submit meanwhile is seen by _wait_until_ready later.
+            self._wakeup.clear()
+            await self._wakeup.wait()
         self._free_slots -= 1
         try:
             prepared = self._refresh(self._prefetched)
         except BaseException:
-            self._release_slot()
+            self._free_slots += 1
             raise
         self._prefetched = None
         self._dispatch(prepared)
@@ -509,7 +508,7 @@ class Batcher:
 
     def _dispatch(self, prepared: _Prepared | None) -> None:
         if prepared is None:
-            self._release_slot()
+            self._free_slots += 1
             return
         self._in_flight += len(prepared.entries)
         task = asyncio.get_running_loop().create_task(self._execute(prepared))
@@ -538,12 +537,8 @@ class Batcher:
             _fail_all(prepared.entries, error)
         finally:
             self._in_flight -= len(prepared.entries)
-            self._release_slot()
+            self._free_slots += 1
             self._wakeup.set()
-
-    def _release_slot(self) -> None:
-        self._free_slots += 1
-        self._slot_freed.set()
 
     def _compute(
         self, input_ids: np.ndarray, attention_mask: np.ndarray
