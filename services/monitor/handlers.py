@@ -239,9 +239,7 @@ class Views:
             st.Arm(v.variant, v.totals.correct, v.totals.labelled) for v in views if not v.shadow
         ]
         decision = st.recommend(arms[0], arms[1:], level) if len(arms) > 1 else None
-        observed = {v.variant: v.totals.requests for v in views if not v.shadow}
-        weights = dict(info.variants)
-        srm = st.sample_ratio_mismatch(observed, weights) if sum(observed.values()) else None
+        srm = _sample_ratio(info, found)
         agreement = {
             v.variant: st.agreement_rate(v.totals.shadow_agreed, v.totals.shadow_compared, level)
             for v in views
@@ -249,6 +247,21 @@ class Views:
         }
         comparisons = decision.comparisons if decision else []
         return Report(info, views, comparisons, decision, srm, agreement)
+
+    async def sample_ratio(
+        self, experiment_id: str
+    ) -> tuple[ExperimentInfo, st.SampleRatio | None]:
+        """An experiment and its sample-ratio test on the assignments since it started (None
+        before any traffic); what the checker needs of `experiment_report`, without the rest."""
+        info = await read_experiment(self.client, experiment_id)
+        return info, _sample_ratio(info, await self.state.variant_totals(experiment_id))
+
+
+def _sample_ratio(info: ExperimentInfo, found: dict[str, Any]) -> st.SampleRatio | None:
+    """Served variants' request counts against their weights; None before any traffic."""
+    weights = dict(info.variants)
+    observed = {name: found[name].totals.requests if name in found else 0 for name in weights}
+    return st.sample_ratio_mismatch(observed, weights) if any(observed.values()) else None
 
 
 def _view(name: str, found: Any, shadow: bool, level: float) -> VariantView:
@@ -323,27 +336,25 @@ class Checker:
                         await self.retrainer.trigger(
                             model, alert.message, alert_id=alert.id, since=since
                         )
-        written += await self.book.apply(await self.experiment_conditions(now), now)
+        written += await self.book.apply(await self.experiment_conditions(), now)
         if self.metrics is not None:
             firing = [a.rule for a in await self.book.firing()]
             for rule in ("drift", "accuracy_floor", "latency_slo", "srm"):
                 self.metrics.firing.labels(rule).set(firing.count(rule))
         return written
 
-    async def experiment_conditions(self, now: float) -> list[Condition]:
+    async def experiment_conditions(self) -> list[Condition]:
         """The sample-ratio rule for every experiment with traffic: a running one is judged on
         its assignments since it started; one no longer running resolves what it had raised."""
         conditions = []
         for experiment_id in await self.views.state.experiments():
             try:
-                report = await self.views.experiment_report(experiment_id, None, now, 0.95)
+                info, srm = await self.views.sample_ratio(experiment_id)
             except NotFound:
                 continue  # deleted from the router's store: nothing left to judge
-            running = report.experiment.raw.get("status") == "running"
-            p_value = report.srm.p_value if running and report.srm is not None else 1.0
-            conditions.append(
-                srm_condition(self.rules, report.experiment.model, "", experiment_id, p_value)
-            )
+            running = info.raw.get("status") == "running"
+            p_value = srm.p_value if running and srm is not None else 1.0
+            conditions.append(srm_condition(self.rules, info.model, "", experiment_id, p_value))
         return conditions
 
     async def _inputs(self, model: str, version: str, now: float) -> RuleInputs:

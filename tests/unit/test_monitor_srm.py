@@ -8,7 +8,7 @@ from typing import Any
 from loopline.errors import NotFound
 from services.monitor import stats as st
 from services.monitor.alerts import Rules
-from services.monitor.handlers import Checker, ExperimentInfo, Report
+from services.monitor.handlers import Checker, ExperimentInfo
 
 WEIGHTS = {"control": 50.0, "candidate": 50.0}
 TRAFFIC = {
@@ -26,16 +26,14 @@ class FakeState:
 class FakeViews:
     state = FakeState()
 
-    async def experiment_report(
-        self, experiment_id: str, start: float | None, end: float | None, level: float
-    ) -> Report:
+    async def sample_ratio(self, experiment_id: str) -> tuple[ExperimentInfo, Any]:
         if experiment_id not in TRAFFIC:
             raise NotFound("experiment", experiment_id)
         status, observed = TRAFFIC[experiment_id]
         info = ExperimentInfo(
             experiment_id, "ab", "sentiment", list(WEIGHTS.items()), [], 0.0, {"status": status}
         )
-        return Report(info, [], [], None, st.sample_ratio_mismatch(observed, WEIGHTS), {})
+        return info, st.sample_ratio_mismatch(observed, WEIGHTS)
 
 
 def test_running_experiments_are_judged_on_their_assignment_shares() -> None:
@@ -48,7 +46,7 @@ def test_running_experiments_are_judged_on_their_assignment_shares() -> None:
         window_seconds=60,
         drift_records=100,
     )
-    conditions = asyncio.run(checker.experiment_conditions(now=1000.0))
+    conditions = asyncio.run(checker.experiment_conditions())
     verdicts = {c.detail: c.holds for c in conditions}
     # 700/300 under 50/50 weights is a mismatch; 505/495 is not; a stopped experiment resolves
     # what it raised; a deleted one is skipped.
