@@ -10,6 +10,7 @@ the experiment cache and discovery, close channels and Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -141,21 +142,7 @@ class RouterService:
         serves now. Workers replaced by a rolling update or added by an autoscaler start with
         their configured models only; without this, an arm whose workers were all replaced
         would fail until someone loaded it by hand."""
-        loading: set[ModelRef] = set()
-
-        async def reload(ref: ModelRef) -> None:
-            try:
-                await self.ensure_served(ref)
-                log.info("experiment version served again", extra={"model": str(ref)})
-            except LooplineError as err:
-                log.warning(
-                    "cannot load a running experiment's version",
-                    extra={"model": str(ref), "error": err.message},
-                )
-            finally:
-                loading.discard(ref)
-
-        tasks: set[asyncio.Task[None]] = set()
+        loading: dict[ModelRef, asyncio.Task[None]] = {}
         try:
             while True:
                 await asyncio.sleep(interval)
@@ -164,13 +151,22 @@ class RouterService:
                 for ref in self.needed_refs(time.time()):
                     if ref in loading or self.balancer.candidates(ref):
                         continue
-                    loading.add(ref)
-                    task = asyncio.get_running_loop().create_task(reload(ref))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    loading[ref] = asyncio.get_running_loop().create_task(self._reload(ref))
+                    loading[ref].add_done_callback(functools.partial(_forget, loading, ref))
         finally:
-            for task in tasks:
+            for task in list(loading.values()):
                 task.cancel()
+
+    async def _reload(self, ref: ModelRef) -> None:
+        try:
+            await self.ensure_served(ref)
+        except Exception as err:  # a Redis or registry outage too: the next check tries again
+            log.warning(
+                "cannot load a running experiment's version",
+                extra={"model": str(ref), "error": getattr(err, "message", repr(err))},
+            )
+        else:
+            log.info("experiment version served again", extra={"model": str(ref)})
 
     async def ensure_served(self, ref: ModelRef) -> None:
         """Before an experiment runs: some worker must serve each version, loaded on demand."""
@@ -233,6 +229,10 @@ class RouterService:
     async def run(self) -> None:
         await self.start()
         await self.server.run_until_signal()
+
+
+def _forget(loading: dict[ModelRef, Any], ref: ModelRef, _task: Any) -> None:
+    loading.pop(ref, None)
 
 
 def main(**overrides: Any) -> None:
