@@ -318,19 +318,28 @@ class Batcher:
         self._run = run
         self._pad_id = pad_id
         self._settings = settings
-        # One thread per execution slot, owned here unless the caller passes a pool: the engine
-        # always runs on the same threads, so glibc serves its activation buffers from the same
-        # per-thread heaps (a shared pool spreads them over every thread's heap: more RSS, and
-        # cold buffers on each call).
+        # One thread per execution slot, owned here unless the caller passes a pool: each slot
+        # always runs on the same thread, so glibc serves its activation buffers from the same
+        # per-thread heap and ONNX Runtime sees the same calling thread. A pool of `concurrency`
+        # threads hands consecutive batches to alternating threads even when they run one at a
+        # time: with concurrency 2, lone requests through the worker measured 5.2 ms p50 and
+        # 11.7 ms p95 that way against 4.3 and 6.5 ms on a fixed thread (MiniLM int8, 2 cores).
         self._owns_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=settings.concurrency, thread_name_prefix=f"engine-{name}"
+        self._executors: list[concurrent.futures.Executor] = (
+            [executor] * settings.concurrency
+            if executor is not None
+            else [
+                concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"engine-{name}-{slot}"
+                )
+                for slot in range(settings.concurrency)
+            ]
         )
         self._name = name
         self._on_batch = on_batch
         self._queue = BatchQueue(settings.max_queue_size)
         self._wakeup = asyncio.Event()
-        self._free_slots = settings.concurrency  # executions that may start now
+        self._free = list(range(settings.concurrency))  # slots free to start a batch, ascending
         self._task: asyncio.Task[None] | None = None
         self._executing: set[asyncio.Task[None]] = set()
         self._prefetched: _Prepared | None = None  # formed, waiting for a slot
@@ -370,10 +379,7 @@ class Batcher:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.put(Entry(list(ids), future, time.monotonic(), deadline))
         if alone and self._runs_at_once():
-            prepared = self._form()
-            if prepared is not None:
-                self._free_slots -= 1
-                self._dispatch(prepared)
+            self._dispatch(self._form())
             return future
         self._wakeup.set()
         return future
@@ -383,7 +389,7 @@ class Batcher:
         (no queue delay), a free execution slot, and no batch formed and waiting for one."""
         return (
             len(self._queue) == 1
-            and self._free_slots > 0
+            and bool(self._free)
             and self._prefetched is None
             and self._settings.max_queue_delay == 0
         )
@@ -416,7 +422,8 @@ class Batcher:
     def _close_executor(self) -> None:
         # Nothing is executing any more; a batch cancelled mid-run finishes on its thread.
         if self._owns_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            for executor in self._executors:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -436,16 +443,11 @@ class Batcher:
         self._prefetched = self._form()
         if self._prefetched is None:
             return  # every candidate had gone or expired
-        while self._free_slots == 0:
+        while not self._free:
             # A finishing batch sets it; a submit meanwhile is seen by _wait_until_ready later.
             self._wakeup.clear()
             await self._wakeup.wait()
-        self._free_slots -= 1
-        try:
-            prepared = self._refresh(self._prefetched)
-        except BaseException:
-            self._free_slots += 1
-            raise
+        prepared = self._refresh(self._prefetched)
         self._prefetched = None
         self._dispatch(prepared)
 
@@ -482,7 +484,7 @@ class Batcher:
             or self._queue.queued_tokens >= settings.max_batch_tokens
         ):
             return 0.0  # full: nothing to gain by waiting, form it now (prefetch if busy)
-        if self._free_slots == 0:
+        if not self._free:
             return None  # a slot freeing up sets the event
         if self._stopping:
             return 0.0  # draining: waiting for company only delays shutdown
@@ -507,22 +509,27 @@ class Batcher:
         return _prepare(alive, self._pad_id, self._settings.pad_multiple) if alive else None
 
     def _dispatch(self, prepared: _Prepared | None) -> None:
+        """Start a formed batch on a free slot (the caller made sure there is one)."""
         if prepared is None:
-            self._free_slots += 1
             return
+        slot = self._free.pop(0)
         self._in_flight += len(prepared.entries)
-        task = asyncio.get_running_loop().create_task(self._execute(prepared))
+        task = asyncio.get_running_loop().create_task(self._execute(prepared, slot))
         self._executing.add(task)
         task.add_done_callback(self._executing.discard)
 
     # --- one batch ------------------------------------------------------------------------
 
-    async def _execute(self, prepared: _Prepared) -> None:
+    async def _execute(self, prepared: _Prepared, slot: int) -> None:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
             output, probabilities, seconds = await loop.run_in_executor(
-                self._executor, self._compute, prepared.input_ids, prepared.attention_mask
+                self._executors[slot],
+                _compute,
+                self._run,
+                prepared.input_ids,
+                prepared.attention_mask,
             )
             self._deliver(prepared, output, probabilities, started, seconds)
         except asyncio.CancelledError:
@@ -537,18 +544,8 @@ class Batcher:
             _fail_all(prepared.entries, error)
         finally:
             self._in_flight -= len(prepared.entries)
-            self._free_slots += 1
+            self._free = sorted([*self._free, slot])
             self._wakeup.set()
-
-    def _compute(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray
-    ) -> tuple[EngineOutput, np.ndarray, float]:
-        # Runs in the executor thread; softmax too, to keep numpy work off the event loop.
-        started = time.perf_counter()
-        output = self._run(input_ids, attention_mask)
-        seconds = time.perf_counter() - started
-        _check_rows(output, len(input_ids))
-        return output, softmax(np.asarray(output.logits, dtype=np.float32)), seconds
 
     def _deliver(
         self,
@@ -584,6 +581,17 @@ class Batcher:
         except Exception:
             # Metrics must never fail requests that already have their answers.
             log.exception("on_batch callback failed", extra={"model": self._name})
+
+
+def _compute(
+    run: EngineCall, input_ids: np.ndarray, attention_mask: np.ndarray
+) -> tuple[EngineOutput, np.ndarray, float]:
+    # Runs in an engine thread; softmax too, to keep numpy work off the event loop.
+    started = time.perf_counter()
+    output = run(input_ids, attention_mask)
+    seconds = time.perf_counter() - started
+    _check_rows(output, len(input_ids))
+    return output, softmax(np.asarray(output.logits, dtype=np.float32)), seconds
 
 
 def _check_rows(output: EngineOutput, expected: int) -> None:

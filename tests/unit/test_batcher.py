@@ -400,3 +400,37 @@ def test_the_pad_multiple_follows_the_device() -> None:
     assert default_pad_multiple(["CPUExecutionProvider"]) == 1
     assert default_pad_multiple(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
     assert default_pad_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"]) == 8
+
+
+def test_each_slot_runs_on_its_own_thread() -> None:
+    """Two batches at once run on two threads; batches one at a time afterwards all run on the
+    first slot's thread (a shared pool would hand them to whichever thread waited longest)."""
+    engine = GatedEngine()
+    threads: list[str] = []
+    output = engine._output
+
+    def recording(input_ids: np.ndarray, attention_mask: np.ndarray) -> EngineOutput:
+        threads.append(threading.current_thread().name)
+        return output(input_ids, attention_mask)
+
+    engine._output = recording  # type: ignore[method-assign]
+    settings = BatchSettings(max_batch_size=1, max_queue_delay=0.0, concurrency=2)
+
+    async def main() -> None:
+        batcher = Batcher(engine, PAD, settings, name="slots")
+        batcher.start()
+        try:
+            engine.gate.clear()
+            together = [batcher.submit([1], None), batcher.submit([2], None)]
+            await until(lambda: engine.active == 2)
+            engine.gate.set()
+            await results(together)
+            for value in range(3, 9):
+                await results([batcher.submit([value], None, alone=True)])
+        finally:
+            engine.gate.set()
+            await batcher.stop_now()
+
+    asyncio.run(main())
+    assert len(set(threads[:2])) == 2
+    assert len(set(threads[2:])) == 1
