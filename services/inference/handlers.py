@@ -26,10 +26,11 @@ LABEL_OUTPUT = "label"
 TRUNCATED_OUTPUT = "truncated"
 PASSED_THROUGH = (
     "request_id",
-    "request_ids",  # JSON list, one id per text (a router forwarding a ClassifyBatch)
+    "request_ids",  # JSON list, one id per text (loopline/per_text.py)
     "experiment",
     "variant",
     "user_bucket",
+    "user_buckets",  # JSON list, one bucket per text
     "language",
     "shadow",
 )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from loopline import per_text
 from loopline.package import Manifest
 from loopline.runtime import Tokens
 from services.inference.settings import InferenceSettings
@@ -179,7 +179,8 @@ class Worker:
         labels = model.manifest.labels
         now = time.time()
         params = request.parameters
-        ids = record_ids(request.request_id, params.get("request_ids", ""), len(tokens))
+        ids = per_text.request_ids(params, request.request_id, len(tokens))
+        buckets = per_text.user_buckets(params, len(tokens))
         for index, (token, result) in enumerate(zip(tokens, results, strict=True)):
             probs = result.probabilities
             self.records.submit(
@@ -190,7 +191,7 @@ class Worker:
                     version=model.version,
                     experiment=params.get("experiment", ""),
                     variant=params.get("variant", ""),
-                    user_bucket=params.get("user_bucket", ""),
+                    user_bucket=buckets[index],
                     label=labels[int(probs.argmax())],
                     probabilities=[float(p) for p in probs],
                     labels=labels,
@@ -289,21 +290,6 @@ async def serve(settings: InferenceSettings) -> None:
         extra={"endpoint": endpoint, "models": [m.describe() for m in worker.repository.served()]},
     )
     await server.run_until_signal()
-
-
-def record_ids(request_id: str, listed: str, count: int) -> list[str]:
-    """One record id per text: the `request_ids` parameter (a JSON list, as a router sends for a
-    batch of separate requests) when it has one id per text, else `<request_id>:<index>`."""
-    if listed:
-        try:
-            ids = json.loads(listed)
-        except ValueError:
-            ids = None
-        if isinstance(ids, list) and len(ids) == count and all(isinstance(i, str) for i in ids):
-            return ids
-    if count == 1:
-        return [request_id]
-    return [f"{request_id}:{index}" for index in range(count)]
 
 
 def main(**overrides: Any) -> None:

@@ -217,10 +217,11 @@ class Router:
         route = routes[members[0]]
         texts = [calls[i].text for i in members]
         ids = [calls[i].request_id for i in members]
+        buckets = [routes[i].user_bucket for i in members]
         label = route.ref.name
         upstream_started = time.perf_counter()
         try:
-            answer = await self._infer(route.ref, texts, _parameters(route, ids), deadline)
+            answer = await self._infer(route.ref, texts, _parameters(route, ids, buckets), deadline)
         except LooplineError as err:
             self._count(label, route.variant, err.kind.name, len(members))
             raise
@@ -233,7 +234,7 @@ class Router:
             self._metrics.latency.labels(label).observe(total)
             self._metrics.upstream.labels(label).observe(upstream)
         for name, shadow in route.shadows:
-            self._mirror(name, shadow, route, texts, ids, deadline)
+            self._mirror(name, shadow, route, texts, ids, buckets, deadline)
 
     def _count(self, model: str, variant: str, code: str, n: int) -> None:
         if self._metrics is not None:
@@ -248,6 +249,7 @@ class Router:
         route: Route,
         texts: list[str],
         ids: list[str],
+        buckets: list[str],
         deadline: float | None,
     ) -> None:
         """Send a copy after the answer; its outcome is counted and never reaches the caller.
@@ -264,7 +266,7 @@ class Router:
             user_bucket=route.user_bucket,
             language=route.language,
         )
-        params = _parameters(tags, ids) | {"shadow": "1"}
+        params = _parameters(tags, ids, buckets) | {"shadow": "1"}
         task = asyncio.get_running_loop().create_task(
             self._shadow_call(shadow, texts, params, deadline)
         )
@@ -307,7 +309,9 @@ def _check_metadata(metadata: Mapping[str, str], where: str) -> None:
             )
 
 
-def _parameters(route: Route, ids: list[str]) -> dict[str, str]:
+def _parameters(route: Route, ids: list[str], buckets: list[str]) -> dict[str, str]:
+    """A worker call's tags: `route`'s, with one request id (and, where the group's users fall in
+    different buckets, one user bucket) per text (loopline/per_text.py)."""
     params = {"request_id": ids[0]}
     if len(ids) > 1:
         params["request_ids"] = json.dumps(ids)
@@ -315,6 +319,8 @@ def _parameters(route: Route, ids: list[str]) -> dict[str, str]:
         value = getattr(route, key)
         if value:
             params[key] = value
+    if len(set(buckets)) > 1:
+        params["user_buckets"] = json.dumps(buckets)
     return params
 
 

@@ -24,6 +24,7 @@ from loopline.redis import connect
 from loopline.settings import SettingsError
 from loopline.v1 import router_pb2_grpc as pb_grpc
 from services.router.balancer import Balancer
+from services.router.coalesce import Coalescer
 from services.router.discovery import (
     CombinedDiscovery,
     Discovery,
@@ -102,8 +103,19 @@ class RouterService:
             promote=self.references.promote,
         )
         languages = LanguageRoutes(settings.language_routes, languages=settings.language_set())
+        self.coalescer = (
+            Coalescer(
+                self.balancer.infer,
+                self.balancer.workers_for,
+                per_worker=settings.coalesce_per_worker,
+                max_texts=settings.coalesce_max_texts,
+                on_call=self.metrics.upstream_call,
+            )
+            if settings.coalesce_per_worker
+            else None
+        )
         self.router = Router(
-            self.balancer.infer,
+            self.coalescer or self.balancer.infer,
             self.cache.running_for,
             languages.route,
             default_model=settings.default_model,
@@ -223,6 +235,8 @@ class RouterService:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
         await self.cache.stop()
+        if self.coalescer is not None:
+            await self.coalescer.close()
         await self.balancer.close()
         await self.redis.aclose()
 

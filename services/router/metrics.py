@@ -36,6 +36,13 @@ class RouterMetrics:
             buckets=_LATENCY,
             registry=registry,
         )
+        self.upstream_texts = Histogram(
+            "loopline_router_upstream_texts",
+            "Texts per worker call; above 1 for single Classify calls merged under load.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
         self.worker_events = Counter(
             "loopline_router_worker_events",
             "Forwarding events: retry (a try moved to another worker), eject, readmit.",
@@ -51,6 +58,10 @@ class RouterMetrics:
         self.feedback = Counter(
             "loopline_router_feedback", "Feedback labels accepted.", registry=registry
         )
+
+    def upstream_call(self, model: str, texts: int) -> None:
+        """Coalescer callback: one worker call carrying `texts` texts."""
+        self.upstream_texts.labels(model).observe(texts)
 
     def worker_event(self, event: str, endpoint: str) -> None:
         """Balancer callback; the endpoint goes to the log, not into a label (unbounded)."""

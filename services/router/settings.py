@@ -62,6 +62,15 @@ class RouterSettings(ServiceSettings):
     max_text_chars: int = Field(
         default=20_000, ge=1, description="Longer texts are refused with INVALID_ARGUMENT."
     )
+    coalesce_per_worker: int = Field(
+        default=2,
+        ge=0,
+        description="Calls in flight per worker for one model before concurrent texts for it "
+        "wait and go together in one worker call (a lone request never waits); 0: never merge.",
+    )
+    coalesce_max_texts: int = Field(
+        default=64, ge=1, description="Most texts in one merged worker call."
+    )
     stream_window: int = Field(
         default=256,
         ge=1,

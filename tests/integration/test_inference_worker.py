@@ -231,11 +231,13 @@ def test_records_reach_the_redis_stream(worker: dict[str, object]) -> None:
     assert len(json.loads(found[b"sketch"])) == 16
 
 
-def test_a_router_batch_keeps_each_request_id_language_and_shadow_tag(
+def test_a_router_batch_keeps_each_request_id_bucket_language_and_shadow_tag(
     worker: dict[str, object],
 ) -> None:
     request = _request(["a fine film", "a dull film"], id="batch-1")
     request.parameters["request_ids"].string_param = json.dumps(["item-a", "item-b"])
+    request.parameters["user_bucket"].string_param = "5"
+    request.parameters["user_buckets"].string_param = json.dumps(["5", "9"])
     request.parameters["language"].string_param = "en"
     request.parameters["shadow"].string_param = "1"
     _stub(str(worker["address"])).ModelInfer(request, timeout=10)
@@ -251,6 +253,7 @@ def test_a_router_batch_keeps_each_request_id_language_and_shadow_tag(
         time.sleep(0.1)
     assert set(found) == {b"item-a", b"item-b"}
     assert all(f[b"language"] == b"en" and f[b"shadow"] == b"1" for f in found.values())
+    assert (found[b"item-a"][b"user_bucket"], found[b"item-b"][b"user_bucket"]) == (b"5", b"9")
 
 
 def test_metrics_endpoint_exposes_batching(worker: dict[str, object]) -> None:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class Stack:
     redis_url: str
     mlflow_uri: str
     stub: pb_grpc.RouterStub
+    metrics_url: str
 
 
 def _worker(home: Path, redis_url: str, mlflow_uri: str) -> Process:
@@ -101,10 +103,11 @@ def _worker(home: Path, redis_url: str, mlflow_uri: str) -> Process:
     return _spawn("services.inference", env, home, port)
 
 
-def _router(home: Path, redis_url: str, mlflow_uri: str) -> Process:
+def _router(home: Path, redis_url: str, mlflow_uri: str, metrics_port: int) -> Process:
     port = free_port()
     env = {
         "LOOPLINE_ROUTER_PORT": str(port),
+        "LOOPLINE_ROUTER_METRICS_PORT": str(metrics_port),
         "LOOPLINE_ROUTER_DEFAULT_MODEL": "tiny",
         "LOOPLINE_ROUTER_LANGUAGE_ROUTES": json.dumps({"tiny": {"pt": "tiny-pt"}}),
         "LOOPLINE_ROUTER_MAX_BATCH_TEXTS": "8",
@@ -133,12 +136,14 @@ def stack(
     redis_server.start()
     redis_server.flushall()
     workers = [_worker(home / f"w{n}", redis_server.url, store.tracking_uri) for n in range(2)]
-    router = _router(home / "router", redis_server.url, store.tracking_uri)
+    metrics_port = free_port()
+    router = _router(home / "router", redis_server.url, store.tracking_uri, metrics_port)
     channel = grpc.insecure_channel(router.address)
     stub = pb_grpc.RouterStub(channel)
     try:
         until(lambda: _answers(stub), "the router to answer through a worker", timeout=120)
-        yield Stack(router, workers, redis_server.url, store.tracking_uri, stub)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Stack(router, workers, redis_server.url, store.tracking_uri, stub, metrics)
     except BaseException:
         for process in (router, *workers):
             print(process.log, process.tail())
@@ -224,6 +229,49 @@ def test_batch_answers_in_order_and_keeps_request_ids(stack: Stack) -> None:
     code, message = code_of(lambda: stack.stub.ClassifyBatch(too_many, timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "limit is 8" in message
+
+
+def _merged_calls(stack: Stack) -> float:
+    """Texts sent to workers beyond one per call: above 0 once single calls were merged."""
+    text = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
+    values = {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[0] != "#")
+    }
+    texts = values.get('loopline_router_upstream_texts_sum{model="tiny"}', 0.0)
+    return texts - values.get('loopline_router_upstream_texts_count{model="tiny"}', 0.0)
+
+
+def test_concurrent_calls_merged_under_load_keep_their_own_answers(stack: Stack) -> None:
+    texts = [f"review {n}: " + ("good " if n % 2 else "dull ") * (1 + n % 7) for n in range(48)]
+    alone = {text: classify(stack, text) for text in texts}
+    client = redis.Redis.from_url(stack.redis_url)
+    merged_before = _merged_calls(stack)
+    for burst in range(5):  # a burst sent at once outruns 2 calls per worker; retried if not
+        ids = [f"burst-{burst}-{n}" for n in range(len(texts))]
+        futures = [
+            stack.stub.Classify.future(pb.ClassifyRequest(text=text, request_id=rid), timeout=30)
+            for text, rid in zip(texts, ids, strict=True)
+        ]
+        for text, rid, future in zip(texts, ids, futures, strict=True):
+            answer = future.result()
+            assert (answer.request_id, answer.label) == (rid, alone[text].label)
+            scores = {s.label: s.score for s in answer.probabilities}
+            for expected in alone[text].probabilities:
+                assert scores[expected.label] == pytest.approx(expected.score, abs=0.01)
+        if _merged_calls(stack) > merged_before:
+            break
+    assert _merged_calls(stack) > merged_before, "no burst was ever merged"
+
+    def one_record_each() -> bool:
+        seen = Counter(
+            fields[b"request_id"].decode()
+            for _, fields in client.xrange("loopline:inference")
+            if fields[b"request_id"].startswith(f"burst-{burst}-".encode())
+        )
+        return seen == Counter(ids)
+
+    until(one_record_each, "one record per merged caller", timeout=10)
 
 
 def test_stream_answers_every_item_and_a_bad_one_does_not_end_it(stack: Stack) -> None:

@@ -136,6 +136,23 @@ def test_batch_items_for_one_target_share_a_worker_call_with_their_own_ids() -> 
     assert json.loads(grouped["request_ids"]) == ["a", "c"]
 
 
+def test_batch_items_of_different_users_list_each_users_bucket() -> None:
+    upstream = FakeUpstream()
+    everyone = (
+        Variant("control", ModelRef("sentiment", "1"), 100),
+        Variant("candidate", ModelRef("sentiment", "2"), 0),
+    )
+    router = make_router(upstream, {"sentiment": experiment(variants=everyone)})
+    calls = [ClassifyCall("one", user_id="u1"), ClassifyCall("two", user_id="u2")]
+    run(router.classify_many(calls, None))
+    ((_, texts, params),) = upstream.calls
+    buckets = json.loads(params["user_buckets"])
+    assert len(texts) == len(buckets) == 2
+    assert buckets[0] != buckets[1]
+    assert all(b.isdigit() for b in buckets)
+    assert params["user_bucket"] == buckets[0]
+
+
 def test_a_failing_shadow_never_fails_the_caller_and_is_counted() -> None:
     upstream = FakeUpstream(failing={"broken"})
     shadows = (Shadow("mirror", ModelRef("broken", "3")),)

@@ -160,9 +160,17 @@ def test_record_fields_round_trip_as_bytes(text: str | None) -> None:
 
 
 def test_record_ids_follow_the_routers_list_when_it_fits() -> None:
-    from services.inference.main import record_ids
+    from loopline.per_text import request_ids
 
-    assert record_ids("r", '["a", "b"]', 2) == ["a", "b"]
-    assert record_ids("r", '["a"]', 2) == ["r:0", "r:1"]  # wrong length: ignored
-    assert record_ids("r", "not json", 1) == ["r"]
-    assert record_ids("r", "", 3) == ["r:0", "r:1", "r:2"]
+    assert request_ids({"request_ids": '["a", "b"]'}, "r", 2) == ["a", "b"]
+    assert request_ids({"request_ids": '["a"]'}, "r", 2) == ["r:0", "r:1"]  # wrong length
+    assert request_ids({"request_ids": "not json"}, "r", 1) == ["r"]
+    assert request_ids({}, "r", 3) == ["r:0", "r:1", "r:2"]
+
+
+def test_user_buckets_follow_the_list_when_it_fits() -> None:
+    from loopline.per_text import user_buckets
+
+    assert user_buckets({"user_buckets": '["1", "2"]', "user_bucket": "1"}, 2) == ["1", "2"]
+    assert user_buckets({"user_buckets": '["1", 2]', "user_bucket": "7"}, 2) == ["7", "7"]
+    assert user_buckets({}, 2) == ["", ""]
