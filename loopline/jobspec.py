@@ -35,6 +35,7 @@ __all__ = [
     "GateSpec",
     "Hyperparameters",
     "JobSpec",
+    "anchor_files",
     "job_spec",
     "parse_spec",
     "spec_dict",
@@ -160,6 +161,25 @@ class JobSpec(_Strict):
         if not self.alias:
             return "none"
         return "gate" if self.gate is not None else "always"
+
+
+def anchor_files(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative file paths of raw spec `data` absolute against `folder`, in place.
+
+    A spec file's data paths are relative to the file, wherever the service that reads them runs
+    (the trainer, a monitor's retraining). Both shorthands (`file: PATH`, `validation: PATH`) are
+    understood; anything else is left for `parse_spec` to judge.
+    """
+    if isinstance(data.get("validation"), str | Path):
+        data["validation"] = {"file": data["validation"]}
+    sources = data.get("data")
+    for source in [*(sources if isinstance(sources, list) else []), data.get("validation")]:
+        file = source.get("file") if isinstance(source, dict) else None
+        if isinstance(file, str | Path):
+            source["file"] = file = {"path": file}
+        path = file.get("path") if isinstance(file, dict) else None
+        if isinstance(path, str | Path) and not Path(path).is_absolute():
+            file["path"] = str((folder / path).resolve())  # type: ignore[index]
 
 
 def parse_spec(data: Any) -> JobSpec:

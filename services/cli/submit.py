@@ -19,16 +19,12 @@ from services.cli.router_client import EXIT_BY_STATUS
 
 
 def _spec_message(path: Path) -> Any:
-    from loopline.jobspec import parse_spec, spec_pb
+    from loopline.jobspec import anchor_files, parse_spec, spec_pb
     from services.cli.train import load_spec_file
 
     data = load_spec_file(path)
-    spec = parse_spec(data)
-    # Relative data paths are relative to the spec file, wherever the service runs from.
-    for source in [*spec.data, *([spec.validation] if spec.validation else [])]:
-        if source.file is not None and not source.file.path.is_absolute():
-            source.file.path = (path.parent / source.file.path).resolve()
-    return spec_pb(spec)
+    anchor_files(data, path.parent)
+    return spec_pb(parse_spec(data))
 
 
 def submit(

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from loopline.errors import FailedPrecondition
-from loopline.jobspec import parse_spec
+from loopline.jobspec import anchor_files, parse_spec
 from loopline.logging import get_logger
 from services.monitor.alerts import RESOLVED, Alert, AlertBook
 
@@ -93,16 +93,7 @@ class Retrainer:
         if not isinstance(data, dict):
             raise FailedPrecondition(f"retraining spec {path} is not a mapping of fields")
         parse_spec(derive_spec(data, str(data.get("name") or "model"), None))  # at start, not alert
-        # Relative data paths are relative to the spec file, not to the trainer's directory.
-        sources = [*data.get("data", []), data.get("validation")]
-        for source in sources:
-            file = source.get("file") if isinstance(source, dict) else None
-            if isinstance(file, str):
-                source["file"] = file = {"path": file}
-            if isinstance(file, dict) and not Path(file["path"]).is_absolute():
-                file["path"] = str((path.parent / file["path"]).resolve())
-        if isinstance(data.get("validation"), str) and not Path(data["validation"]).is_absolute():
-            data["validation"] = str((path.parent / data["validation"]).resolve())
+        anchor_files(data, path.parent)
         return data
 
     async def trigger(

@@ -137,7 +137,7 @@ def test_a_spec_file_is_checked_and_its_paths_are_relative_to_it(tmp_path: Path)
     loaded = Retrainer.load_spec(spec)
     assert loaded is not None
     assert loaded["data"][0]["file"]["path"] == str(tmp_path / "data" / "train.jsonl")
-    assert loaded["validation"] == str(tmp_path / "data" / "validation.jsonl")
+    assert loaded["validation"]["file"]["path"] == str(tmp_path / "data" / "validation.jsonl")
 
     spec.write_text("name: sentiment\ndata: []\n")
     with pytest.raises(InvalidInput, match="data"):

@@ -103,3 +103,44 @@ def test_the_gates_export_error_limit_reaches_the_exporter(
     ctx = JobContext(workdir=tmp_path, mlflow_uri="sqlite:///x.db", redis_url="redis://x")
     request = _train_request(spec, tmp_path / "train.jsonl", None, ctx)
     assert request.max_export_error == limit
+
+
+def test_relative_files_are_anchored_to_the_spec_folder(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from loopline.jobspec import anchor_files
+
+    data = {
+        "name": "m",
+        "data": [
+            {"file": "train.jsonl"},
+            {"file": {"path": "/abs/more.csv", "format": "csv"}},
+            {"feedback": {"mix_ratio": 0.2}},
+        ],
+        "validation": "../held/validation.jsonl",
+    }
+    anchor_files(data, Path(tmp_path) / "specs")
+    spec = parse_spec(data)
+    assert spec.data[0].file is not None
+    assert spec.data[0].file.path == Path(tmp_path) / "specs" / "train.jsonl"
+    assert spec.data[1].file is not None
+    assert (spec.data[1].file.path, spec.data[1].file.format) == (
+        Path("/abs/more.csv"),
+        "csv",
+    )
+    assert spec.data[2].feedback is not None
+    assert spec.validation is not None
+    assert spec.validation.file is not None
+    assert spec.validation.file.path == Path(tmp_path) / "held" / "validation.jsonl"
+
+
+def test_a_submitted_spec_carries_paths_relative_to_its_file(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from services.cli.submit import _spec_message
+
+    spec = Path(tmp_path) / "specs" / "job.yaml"
+    spec.parent.mkdir()
+    spec.write_text("name: m\ndata:\n  - file: ../data/train.jsonl\n")
+    message = _spec_message(spec)
+    assert message.data[0].file.path == str(Path(tmp_path) / "data" / "train.jsonl")
