@@ -176,13 +176,19 @@ def start_worker(package: Path, redis_url: str, home: Path) -> Service:
 
 
 def start_router(
-    name: str, default_model: str, redis_url: str, home: Path, workers: Sequence[str] = ()
+    name: str,
+    default_model: str,
+    redis_url: str,
+    home: Path,
+    workers: Sequence[str] = (),
+    metrics_port: int = 0,
 ) -> Service:
     """A router; with `workers` it uses that static list only, else heartbeats in Redis."""
     port = free_port()
     env = {
         **shared_env(redis_url, home),
         "LOOPLINE_ROUTER_PORT": str(port),
+        "LOOPLINE_ROUTER_METRICS_PORT": str(metrics_port),
         "LOOPLINE_ROUTER_DEFAULT_MODEL": default_model,
         "LOOPLINE_ROUTER_WORKERS": json.dumps(list(workers)),
         "LOOPLINE_ROUTER_DISCOVER_WORKERS": "false" if workers else "true",
@@ -327,7 +333,8 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
         redis_url = f"redis://{redis.address}/0"
         worker = start_worker(package, redis_url, home)
         started.append(worker)
-        router = start_router("router", name, redis_url, home)
+        metrics_port = free_port()
+        router = start_router("router", name, redis_url, home, metrics_port=metrics_port)
         started.append(router)
         async with (
             grpc.aio.insecure_channel(worker.address) as worker_channel,
@@ -354,24 +361,56 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
             watched = [router, worker]
             for call in (direct, via_router):  # warm-up: connections, caches, ORT arenas
                 await drive(Tally(4), call, 1.5, watched)
-            tallies = {
-                (path, level): Tally(level)
-                for path in ("direct", "router")
-                for level in (LONE, SATURATING)
-            }
-            for round_ in range(ROUNDS):
-                for level in (LONE, SATURATING):
-                    for path, call in (("direct", direct), ("router", via_router)):
-                        offset = round_ * 7919  # other texts in the second round
-                        tally = tallies[(path, level)]
-                        await drive(tally, call, seconds / ROUNDS, watched, offset)
+            paths: dict[str, Call] = {"direct": direct, "router": via_router}
+            tallies, merged = await hop_rounds(paths, seconds, watched, metrics_port, name)
             for service in started:
                 service.check()
+    results["texts_per_worker_call_saturated"] = merged
     for level, key in ((LONE, "lone"), (SATURATING, "saturated")):
         direct_row = tallies[("direct", level)].summary()
         router_row = tallies[("router", level)].summary()
         results[key] = {"direct": direct_row, "router": router_row, **added(direct_row, router_row)}
     return results
+
+
+async def hop_rounds(
+    paths: dict[str, Call], seconds: float, watched: list[Service], metrics_port: int, model: str
+) -> tuple[dict[tuple[str, int], Tally], float | None]:
+    """Each path at each level in interleaved rounds; with the router's texts per worker call
+    at saturation (None when it made none)."""
+    tallies = {(path, level): Tally(level) for path in paths for level in (LONE, SATURATING)}
+    texts, calls = 0.0, 0.0
+    for round_ in range(ROUNDS):
+        for level in (LONE, SATURATING):
+            for path, call in paths.items():
+                offset = round_ * 7919  # other texts in the second round
+                counted = path == "router" and level == SATURATING
+                sent = await upstream_texts(metrics_port, model) if counted else (0.0, 0.0)
+                await drive(tallies[(path, level)], call, seconds / ROUNDS, watched, offset)
+                if counted:
+                    now = await upstream_texts(metrics_port, model)
+                    texts, calls = texts + now[0] - sent[0], calls + now[1] - sent[1]
+    return tallies, (round(texts / calls, 2) if calls else None)
+
+
+async def upstream_texts(port: int, model: str) -> tuple[float, float]:
+    """The router's `loopline_router_upstream_texts` sum and count for `model` so far: texts it
+    sent to workers and the calls that carried them (more texts than calls: merged under load)."""
+    import urllib.request
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
+
+    values = {}
+    for line in (await asyncio.to_thread(scrape)).splitlines():
+        if line.startswith("loopline_router_upstream_texts_") and f'model="{model}"' in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{", 1)[0]] = float(value)
+    return (
+        values.get("loopline_router_upstream_texts_sum", 0.0),
+        values.get("loopline_router_upstream_texts_count", 0.0),
+    )
 
 
 async def bare_classify(stub: Any, text: str) -> str:
@@ -592,6 +631,8 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{key:9}{path:8}{row['concurrency']:>5}{row['calls_per_s']:>10}"
                 f"{row['p50_ms']:>9}{row['p99_ms']:>9}{row['errors']:>7}"
             )
+    merged = hop_["texts_per_worker_call_saturated"]
+    print(f"texts per worker call via the router at c={SATURATING}: {merged}")
     ceiling_ = results["ceiling"]
     print("\nrouter ceiling, trivial upstream, against a bare grpc.aio echo")
     for key, row in (
