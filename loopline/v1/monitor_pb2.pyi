@@ -440,9 +440,11 @@ class GetStatsResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     REQUEST_RATE_FIELD_NUMBER: _builtins.int
     requests: _builtins.int
-    """Requests received."""
+    """Requests answered."""
     errors: _builtins.int
-    """Requests that failed."""
+    """Requests a worker accepted and failed to answer (overloaded, deadline passed in its queue,
+    engine error); not counted in `requests`.
+    """
     truncated: _builtins.int
     """Requests whose text was truncated to the model's maximum length."""
     request_rate: _builtins.float
@@ -699,7 +701,7 @@ class VariantReport(_message.Message):
     accuracy: _builtins.float
     """correct / labelled."""
     errors: _builtins.int
-    """Failed requests."""
+    """Requests a worker accepted and failed to answer; not counted in `requests`."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelRef:
         """Model version that served the variant."""

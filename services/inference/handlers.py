@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from loopline.errors import InvalidInput, NotReady
+from loopline.errors import InvalidInput, LooplineError, NotReady
 from loopline.runtime import Tokens
 from services.inference.batching import Result
 from services.inference.models import ModelRepository, ServedModel
@@ -64,6 +64,7 @@ class InferResponse:
 
 
 RecordSink = Callable[[ServedModel, InferRequest, Sequence[Tokens], Sequence[Result]], None]
+FailureSink = Callable[[ServedModel, InferRequest, LooplineError], None]
 AnswerSink = Callable[[str, float], None]  # (model name, seconds from arrival to answer)
 
 
@@ -78,8 +79,10 @@ class DataPlane:
         record: RecordSink | None = None,
         inline_tokenize_chars: int = 0,
         on_answer: AnswerSink | None = None,
+        on_failure: FailureSink | None = None,
     ) -> None:
         self.repository = repository
+        self.on_failure = on_failure
         self.on_answer = on_answer
         self.max_text_chars = max_text_chars
         self.executor = executor
@@ -114,12 +117,18 @@ class DataPlane:
         model = self.repository.resolve(request.model, request.version)
         tokens = await self._tokenize(model, request.texts)
         try:
-            results = await self._run(model, tokens, request.deadline)
-        except NotReady:
-            # The version began draining after we resolved it (an alias just moved): the new
-            # version is already installed, so resolve again once.
-            model = self.repository.resolve(request.model, request.version)
-            results = await self._run(model, tokens, request.deadline)
+            try:
+                results = await self._run(model, tokens, request.deadline)
+            except NotReady:
+                # The version began draining after we resolved it (an alias just moved): the
+                # new version is already installed, so resolve again once.
+                model = self.repository.resolve(request.model, request.version)
+                results = await self._run(model, tokens, request.deadline)
+        except LooplineError as err:
+            # Accepted and not answered (a caller that went away raises CancelledError instead).
+            if self.on_failure is not None:
+                self.on_failure(model, request, err)
+            raise
         if self.record is not None:
             self.record(model, request, tokens, results)
         response = _response(model, request, tokens, results)

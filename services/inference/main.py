@@ -125,6 +125,7 @@ class Worker:
             settings.max_text_chars,
             self.executor,
             record=self._record if self.records is not None else None,
+            on_failure=self._record_failure if self.records is not None else None,
             inline_tokenize_chars=settings.inline_tokenize_chars,
             on_answer=lambda name, seconds: self.metrics.request.labels(name).observe(seconds),
         )
@@ -203,6 +204,31 @@ class Worker:
                     batch_size=result.batch_size,
                     sketch=[float(x) for x in result.embedding @ model.sketch],
                     text=request.texts[index] if self.settings.log_text else None,
+                    language=params.get("language", ""),
+                    shadow=params.get("shadow", "") in ("1", "true", "True"),
+                )
+            )
+
+    def _record_failure(self, model: Any, request: Any, error: Any) -> None:
+        """One failure record per text of a request that was accepted and not answered."""
+        from services.inference.records import FailureRecord
+
+        params = request.parameters
+        count = len(request.texts)
+        ids = per_text.request_ids(params, request.request_id, count)
+        buckets = per_text.user_buckets(params, count)
+        now = time.time()
+        for index in range(count):
+            self.records.submit(
+                FailureRecord(
+                    request_id=ids[index],
+                    time=now,
+                    model=model.name,
+                    version=model.version,
+                    experiment=params.get("experiment", ""),
+                    variant=params.get("variant", ""),
+                    user_bucket=buckets[index],
+                    error=str(error.kind),
                     language=params.get("language", ""),
                     shadow=params.get("shadow", "") in ("1", "true", "True"),
                 )

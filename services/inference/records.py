@@ -48,6 +48,7 @@ from loopline.redis import connect
 
 __all__ = [
     "MARKER_TTL_S",
+    "FailureRecord",
     "InferenceRecord",
     "Pending",
     "RecordWriter",
@@ -153,6 +154,42 @@ class InferenceRecord:
             language=f.get("language", ""),
             shadow=f.get("shadow", "0") == "1",
         )
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """A text the worker accepted and could not answer. On the same stream as the answers, told
+    apart by its `error` field (the failure's kind); it has no label, so readers of answers skip
+    it, and the monitor counts it in `GetStats.errors`."""
+
+    request_id: str
+    time: float  # unix seconds
+    model: str
+    version: str
+    experiment: str
+    variant: str
+    user_bucket: str
+    error: str  # ErrorKind value: overloaded, deadline, not_ready, internal
+    language: str = ""
+    shadow: bool = False
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat stream fields, named as an answer's are."""
+        return {
+            "request_id": self.request_id,
+            "time": f"{self.time:.6f}",
+            "model": self.model,
+            "version": self.version,
+            "experiment": self.experiment,
+            "variant": self.variant,
+            "user_bucket": self.user_bucket,
+            "error": self.error,
+            "language": self.language,
+            "shadow": "1" if self.shadow else "0",
+        }
+
+
+Record = InferenceRecord | FailureRecord
 
 
 def _text(value: bytes | str) -> str:
@@ -407,7 +444,7 @@ class RecordWriter:
         self._max_backoff = max_backoff
         self._marker = f"{stream}:writers:{writer_id or _default_writer_id(spool_path)}"
         self._spool = Spool(spool_path, spool_max_bytes)
-        self._memory: deque[InferenceRecord] = deque()
+        self._memory: deque[Record] = deque()
         self._metrics = _metrics(registry if registry is not None else REGISTRY)
         self._metrics.spool_bytes.set(self._spool.size_bytes)
         self.written = self.spooled = self.replayed = self.dropped = 0
@@ -437,7 +474,7 @@ class RecordWriter:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="record-writer")
 
-    def submit(self, record: InferenceRecord) -> None:
+    def submit(self, record: Record) -> None:
         """Queue `record`; never blocks, never raises (inference must not wait on Redis)."""
         try:
             self._memory.append(record)

@@ -39,7 +39,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -53,9 +53,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from loopline.logging import configure_logging, get_logger
 from loopline.redis import connect, ensure_group
 from services.monitor.events import (
+    Failure,
     Label,
     MalformedRecordError,
     Prediction,
+    is_failure,
+    parse_failure,
     parse_label,
     parse_prediction,
 )
@@ -90,6 +93,7 @@ class ConsumerStats:
     batches: int = 0
     entries: int = 0  # stream entries acknowledged (folded, duplicate, malformed or trimmed)
     predictions: int = 0  # new predictions folded
+    failures: int = 0  # new failure records folded
     labels: int = 0  # new labels folded
     duplicates: int = 0  # records folded before (reclaimed or replayed)
     malformed: int = 0
@@ -104,6 +108,7 @@ class _Batch:
     predictions: list[Prediction]
     labels: list[Label]
     acks: tuple[tuple[str, list[str]], ...]
+    failures: list[Failure] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _metrics(registry: CollectorRegistry) -> _Metrics:
         records=Counter(
             "loopline_monitor_records",
             "Stream entries handled by the monitor, by stream and outcome "
-            "(folded, duplicate, malformed).",
+            "(folded, failure: a failed text's record, duplicate, malformed).",
             ["stream", "outcome"],
             registry=registry,
         ),
@@ -362,17 +367,19 @@ class Consumer:
             self._waiting = None
 
     def _parse(self, inference: Rows, feedback: Rows) -> _Batch:
+        records = [r for r in map(self._prediction, inference) if r is not None]
         return _Batch(
-            predictions=[p for p in map(self._prediction, inference) if p is not None],
+            predictions=[r for r in records if isinstance(r, Prediction)],
             labels=[lab for lab in map(self._label, feedback) if lab is not None],
             acks=((self.inference_stream, [i for i, _ in inference]),
                   (self.feedback_stream, [i for i, _ in feedback])),
+            failures=[r for r in records if isinstance(r, Failure)],
         )  # fmt: skip
 
     async def _fold_and_ack(self, batch: _Batch) -> None:
         """Fold, then acknowledge: an entry is never acked before its record is in the state."""
         started = time.perf_counter()
-        result = await self.state.fold(batch.predictions, batch.labels)
+        result = await self.state.fold(batch.predictions, batch.labels, batch.failures)
         if self._ack_delay:
             await asyncio.sleep(self._ack_delay)
         async with self._client.pipeline(transaction=False) as pipe:
@@ -383,11 +390,13 @@ class Consumer:
         self._count(result, sum(len(ids) for _, ids in batch.acks))
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def _prediction(self, row: tuple[str, dict[str, str]]) -> Prediction | None:
+    def _prediction(self, row: tuple[str, dict[str, str]]) -> Prediction | Failure | None:
         entry_id, fields = row
         if not fields:  # trimmed from the stream while pending: nothing left to fold
             return None
         try:
+            if is_failure(fields):
+                return parse_failure(entry_id, fields)
             prediction = parse_prediction(entry_id, fields)
         except MalformedRecordError as err:
             self._malformed(self.inference_stream, entry_id, err)
@@ -427,11 +436,17 @@ class Consumer:
         s.batches += 1
         s.entries += entries
         s.predictions += result.predictions
+        s.failures += result.failures
         s.labels += result.labels
-        s.duplicates += result.duplicate_predictions + result.duplicate_labels
+        s.duplicates += (
+            result.duplicate_predictions + result.duplicate_labels + result.duplicate_failures
+        )
         records = self._metrics.records
         records.labels(self.inference_stream, "folded").inc(result.predictions)
-        records.labels(self.inference_stream, "duplicate").inc(result.duplicate_predictions)
+        records.labels(self.inference_stream, "failure").inc(result.failures)
+        records.labels(self.inference_stream, "duplicate").inc(
+            result.duplicate_predictions + result.duplicate_failures
+        )
         records.labels(self.feedback_stream, "folded").inc(result.labels)
         records.labels(self.feedback_stream, "duplicate").inc(result.duplicate_labels)
 

@@ -1,5 +1,5 @@
-"""What the monitor reads: predictions (inference records) and labels (feedback), parsed from raw
-stream fields.
+"""What the monitor reads: predictions and failures (inference records) and labels (feedback),
+parsed from raw stream fields.
 
 The monitor never imports the inference or router services; the field layout below is the
 contract of the two streams (`loopline:inference`, written by `InferenceRecord.to_fields`, and
@@ -22,10 +22,13 @@ from dataclasses import dataclass
 
 __all__ = [
     "SKETCH_DIM",
+    "Failure",
     "Label",
     "MalformedRecordError",
     "Prediction",
     "entry_time",
+    "is_failure",
+    "parse_failure",
     "parse_label",
     "parse_prediction",
 ]
@@ -71,6 +74,20 @@ class Prediction:
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """A text a worker accepted and could not answer (a record with an `error` field)."""
+
+    request_id: str
+    time: float
+    model: str
+    version: str
+    error: str  # the failure's kind: overloaded, deadline, not_ready, internal
+    experiment: str = ""
+    variant: str = ""
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Label:
     """A true label for a request, from feedback; it may arrive hours after the prediction."""
 
@@ -108,6 +125,26 @@ def parse_prediction(entry_id: str, raw: RawFields) -> Prediction:
         sketch=_sketch(f.get("sketch"), problems),
         language=f.get("language", ""),
         problems=tuple(problems),
+    )
+
+
+def is_failure(fields: Mapping[str, str]) -> bool:
+    """Whether decoded inference-stream fields record a failure rather than an answer."""
+    return bool(fields.get("error"))
+
+
+def parse_failure(entry_id: str, raw: RawFields) -> Failure:
+    """A `Failure` from the fields of a failed text's record; raises `MalformedRecordError`."""
+    f = _decoded(raw)
+    return Failure(
+        request_id=_required(f, "request_id", "failure"),
+        time=_time(f.get("time"), entry_id, []),
+        model=_required(f, "model", "failure"),
+        version=_required(f, "version", "failure"),
+        error=_required(f, "error", "failure"),
+        experiment=f.get("experiment", ""),
+        variant=f.get("variant", ""),
+        shadow=f.get("shadow", "0") in _TRUE,
     )
 
 

@@ -105,6 +105,7 @@ def stats_pb(
     return pb.GetStatsResponse(
         window=_window(start, end),
         requests=n,
+        errors=totals.errors,
         labels=[
             pb.LabelShare(label=k, count=totals.label_counts.get(k, 0), share=v)
             for k, v in sorted(totals.label_shares().items())
@@ -233,6 +234,7 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                     model=common.ModelRef(name=v.model, version=v.version),
                     shadow=v.shadow,
                     requests=v.totals.requests,
+                    errors=v.totals.errors,
                     labelled=v.totals.labelled,
                     correct=v.totals.correct,
                     accuracy=v.accuracy.value,

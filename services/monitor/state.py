@@ -19,6 +19,7 @@ assumed not to contain it):
                                             by \\x1f)
         h:<variant>:<model>:<version>       a shadow's prediction, same layout
         y                                   the true label (pending until a prediction arrives)
+        es, eh:<variant>:<model>:<version>  a failure of the served request or of a shadow copy
     P:win:W:mv:<model>:<version>:<w>        hash, window counters of a model version; TTL
                                             window_ttl_s after the last write
     P:win:W:ev:<exp>:<variant>:<0|1>:<w>    hash, window counters of an experiment variant
@@ -40,7 +41,8 @@ Counter fields of the window and total hashes: `n` requests, `p:<label>` predict
 counts, `c:<i>` / `q:<i>` / `k:<i>` confidence / latency / token-count histogram bins (edges
 below), `cs` confidence sum, `qs` latency sum (ms), `ks` token sum, `u` unknown-share sum and
 `un` its count, `t` truncated, `y` labelled, `ok` correct, `ac` shadow answers compared with the
-served one, `aa` of those, agreeing. Absent fields are zero.
+served one, `aa` of those, agreeing, `e` requests that failed in the worker (not in `n`). Absent
+fields are zero.
 
 Counting rules. A shadow's prediction counts for its own model version as well as for its
 variant: it is a real inference on live traffic. A label counts once per request id (the first
@@ -70,7 +72,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from numpy.typing import NDArray
 
-from services.monitor.events import SKETCH_DIM, Label, Prediction
+from services.monitor.events import SKETCH_DIM, Failure, Label, Prediction
 
 __all__ = [
     "CONFIDENCE_EDGES",
@@ -178,6 +180,7 @@ class Totals:
     correct: int = 0
     shadow_compared: int = 0
     shadow_agreed: int = 0
+    errors: int = 0  # requests that failed in the worker, not counted in `requests`
     first: float | None = None
     last: float | None = None
 
@@ -198,6 +201,7 @@ class Totals:
         self.token_sum += other.token_sum
         self.unknown_share_sum += other.unknown_share_sum
         self.unknown_share_count += other.unknown_share_count
+        self.errors += other.errors
         self.truncated += other.truncated
         self.labelled += other.labelled
         self.correct += other.correct
@@ -309,6 +313,8 @@ class FoldResult:
     labels: int = 0
     duplicate_labels: int = 0
     joins: int = 0
+    failures: int = 0
+    duplicate_failures: int = 0
 
     def __add__(self, other: FoldResult) -> FoldResult:
         return FoldResult(
@@ -317,6 +323,8 @@ class FoldResult:
             self.labels + other.labels,
             self.duplicate_labels + other.duplicate_labels,
             self.joins + other.joins,
+            self.failures + other.failures,
+            self.duplicate_failures + other.duplicate_failures,
         )
 
 
@@ -338,29 +346,39 @@ class State:
     # ----- writing
 
     async def fold(
-        self, predictions: Sequence[Prediction], labels: Sequence[Label] = ()
+        self,
+        predictions: Sequence[Prediction],
+        labels: Sequence[Label] = (),
+        failures: Sequence[Failure] = (),
     ) -> FoldResult:
         """Fold a batch; records folded before (by request id and kind) count nothing."""
         result = FoldResult()
         size = self.config.fold_chunk
-        preds, labs = list(predictions), list(labels)
-        while preds or labs:
+        preds, labs, fails = list(predictions), list(labels), list(failures)
+        while preds or labs or fails:
             p_part, preds = preds[:size], preds[size:]
-            l_part, labs = labs[: size - len(p_part)], labs[size - len(p_part) :]
-            result = result + await self._fold_chunk(p_part, l_part)
+            room = size - len(p_part)
+            l_part, labs = labs[:room], labs[room:]
+            room -= len(l_part)
+            f_part, fails = fails[:room], fails[room:]
+            result = result + await self._fold_chunk(p_part, l_part, f_part)
         return result
 
-    async def _fold_chunk(self, preds: Sequence[Prediction], labs: Sequence[Label]) -> FoldResult:
+    async def _fold_chunk(
+        self, preds: Sequence[Prediction], labs: Sequence[Label], fails: Sequence[Failure]
+    ) -> FoldResult:
         c = self.config
         reply: Any = await self._script(
             args=[
                 *(c.prefix, c.window_s, c.prediction_ttl_s, c.window_ttl_s),
-                *(c.sample_size, c.sample_ttl_s, self._payload(preds, labs)),
+                *(c.sample_size, c.sample_ttl_s, self._payload(preds, labs, fails)),
             ]
         )
         return FoldResult(*(int(x) for x in reply))
 
-    def _payload(self, preds: Sequence[Prediction], labs: Sequence[Label]) -> str:
+    def _payload(
+        self, preds: Sequence[Prediction], labs: Sequence[Label], fails: Sequence[Failure] = ()
+    ) -> str:
         """The batch as one JSON argument: one string for redis-py to pack instead of ~20 per
         record, and decoded in C by the script (cjson)."""
         window_s, draw = self.config.window_s, self._random
@@ -381,12 +399,17 @@ class State:
                 *_binned(_TOKEN_FIELDS, TOKEN_EDGES, tok),
                 -1 if unk is None else unk, int(p.truncated), sample, draw(), p.time,
             ])  # fmt: skip
+        failed: list[list[Any]] = []
+        for f in fails:
+            key = (f.model, f.version, f.experiment, f.variant, f.shadow, int(f.time // window_s))
+            failed.append([f.request_id, groups.setdefault(key, len(groups) + 1), f.time])
         names = [
             SEP.join((m, v, e, var, "1" if shadow else "0", str(w * window_s)))
             for (m, v, e, var, shadow, w) in groups
         ]
         labels = [[label.request_id, label.label] for label in labs]
-        return json.dumps({"g": names, "p": rows, "l": labels}, separators=(",", ":"))
+        batch = {"g": names, "p": rows, "l": labels, "f": failed}
+        return json.dumps(batch, separators=(",", ":"))
 
     # ----- reading
 
@@ -565,6 +588,7 @@ _INTS = {
     "ok": "correct",
     "ac": "shadow_compared",
     "aa": "shadow_agreed",
+    "e": "errors",
 }
 _FLOATS = {
     "cs": "confidence_sum",
@@ -623,12 +647,14 @@ _FOLD_LUA = r"""
 -- The key layout is documented in the module docstring; `State._payload` builds the batch.
 --
 -- ARGV: prefix, window_s, prediction_ttl_s, window_ttl_s, sample_size, sample_ttl_s, batch JSON
---   {"g": [group, ...], "p": [prediction, ...], "l": [[request_id, label], ...]} where a group
+--   {"g": [group, ...], "p": [prediction, ...], "l": [[request_id, label], ...],
+--    "f": [[request_id, group number, time], ...]} where a group
 --   is "model SEP version SEP experiment SEP variant SEP shadow SEP window" and a prediction
 --   [request_id, group number, label, confidence field, confidence, latency field, latency ms,
 --    token field, tokens, unknown share (-1: none), truncated (0/1), sample row, uniform draw,
 --    time]; a field is the hash field of the value's histogram bin, "" when the value is missing.
--- Returns {new predictions, duplicate predictions, new labels, duplicate labels, joins}.
+-- Returns {new predictions, duplicate predictions, new labels, duplicate labels, joins,
+--          new failures, duplicate failures}.
 --
 -- Keys are derived from the arguments rather than passed in KEYS: one Redis instance only
 -- (a Cluster would need every key of a request id and its windows in one hash slot).
@@ -731,7 +757,7 @@ local function read_index(key)
   return index
 end
 
-local new_p, dup_p, new_l, dup_l, joins = 0, 0, 0, 0, 0
+local new_p, dup_p, new_l, dup_l, joins, new_f, dup_f = 0, 0, 0, 0, 0, 0, 0
 local group_names = batch['g']
 
 local function fold_prediction(r)
@@ -792,8 +818,23 @@ local function fold_label(r)
   end
 end
 
+-- A failed request: counted once per request id and kind ('e' before the prediction field's
+-- name), in `e` of its group; it has no label, so feedback for it stays pending.
+local function fold_failure(r)
+  local rid, g, t = r[1], group(group_names[r[2]]), r[3]
+  local ikey = P .. ':req:' .. rid
+  if redis.call('HSETNX', ikey, 'e' .. g.field, '1') == 0 then dup_f = dup_f + 1; return end
+  redis.call('EXPIRE', ikey, PTTL)
+  new_f = new_f + 1
+  g.new = true
+  inc(g, 'e', 1)
+  if not g.first or t < g.first then g.first = t end
+  if not g.last or t > g.last then g.last = t end
+end
+
 for _, r in ipairs(batch['p']) do fold_prediction(r) end
 for _, r in ipairs(batch['l']) do fold_label(r) end
+for _, r in ipairs(batch['f'] or {}) do fold_failure(r) end
 
 -- Write the deltas, keep the indexes of windows, models and variants, refresh TTLs.
 local sets = {}
@@ -843,5 +884,5 @@ for key in pairs(samples) do redis.call('EXPIRE', key, STTL) end
 for key, members in pairs(sets) do
   for m in pairs(members) do redis.call('SADD', key, m) end
 end
-return {new_p, dup_p, new_l, dup_l, joins}
+return {new_p, dup_p, new_l, dup_l, joins, new_f, dup_f}
 """

@@ -319,8 +319,8 @@ def _read_served(
             fields = _fields(raw)
         except UnicodeDecodeError:
             continue  # an undecodable record cannot give a text; its request counts as not found
-        if fields.get("request_id", "") not in wanted:
-            continue
+        if fields.get("request_id", "") not in wanted or fields.get("error"):
+            continue  # not asked for, or a failure record (no answer, no text)
         if fields.get("shadow", "0") == "1":
             counts.shadow_skipped += 1
             continue

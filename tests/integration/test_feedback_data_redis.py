@@ -17,7 +17,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from loopline.errors import ErrorKind, FailedPrecondition
-from services.inference.records import InferenceRecord
+from services.inference.records import FailureRecord, InferenceRecord
 from services.trainer.feedback_data import (
     FEEDBACK_STREAM,
     INFERENCE_STREAM,
@@ -73,7 +73,7 @@ class Streams:
     client: redis.Redis
     pending: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
 
-    def served(self, at: float, rec: InferenceRecord) -> None:
+    def served(self, at: float, rec: InferenceRecord | FailureRecord) -> None:
         fields = rec.to_fields()
         fields["time"] = f"{at:.6f}"
         self._add(INFERENCE_STREAM, at, fields)
@@ -162,6 +162,24 @@ def test_collects_joins_and_skips_what_cannot_be_used(
     assert (counts.without_text, counts.other_model, counts.not_found) == (1, 1, 1)
     assert counts.shadow_skipped == 2
     assert counts.usable == 10
+
+
+def test_failure_records_are_never_taken_for_an_answer(
+    client: redis.Redis, streams: Streams
+) -> None:
+    labelled(streams, 4)  # r0..r3
+    # r0 also failed on another worker after it was answered (a retry that lost the race).
+    streams.served(T0 + 35, FailureRecord("r0", 0.0, "sentiment", "3", "", "", "", "deadline"))
+    # r9 only failed: there is no answer, hence no text, to train on.
+    streams.served(T0 + 36, FailureRecord("r9", 0.0, "sentiment", "3", "", "", "", "internal"))
+    streams.label(T0 + 90, "r9", "pos")
+    streams.write()
+
+    result = collect(client, query())
+
+    assert sorted(e.request_id for e in result.examples) == ["r0", "r1", "r2", "r3"]
+    assert next(e for e in result.examples if e.request_id == "r0").text == "review number 0"
+    assert result.counts.not_found == 1
 
 
 def test_examples_come_newest_first_and_are_cut_at_max_examples(

@@ -27,7 +27,7 @@ from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 from loopline.runtime import PackageRunner
 from services.inference.convert import encode_bytes_tensor
 from tests.fixtures.redis import RedisServer
-from tests.fixtures.waiting import free_port
+from tests.fixtures.waiting import free_port, until
 
 TEXTS = ["the film was great overall", "the plot was awful again", "this movie was lovely"]
 
@@ -229,6 +229,38 @@ def test_records_reach_the_redis_stream(worker: dict[str, object]) -> None:
     assert found[b"user_bucket"] == b"17"
     assert found[b"model"] == b"tiny"
     assert len(json.loads(found[b"sketch"])) == 16
+
+
+def test_an_accepted_request_that_fails_leaves_a_failure_record_per_text(
+    worker: dict[str, object],
+) -> None:
+    texts = ["fine"] * 2049  # one more than the queue holds (LOOPLINE_INFERENCE_MAX_QUEUE_SIZE)
+    request = _request(texts, id="too-many")
+    request.parameters["variant"].string_param = "control"
+    with pytest.raises(grpc.RpcError) as caught:
+        _stub(str(worker["address"])).ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    server = worker["redis"]
+    assert isinstance(server, RedisServer)
+    client = redis.Redis.from_url(server.url)
+
+    def failures() -> dict[bytes, dict[bytes, bytes]]:
+        return {
+            fields[b"request_id"]: fields
+            for _, fields in client.xrange("loopline:inference")
+            if fields[b"request_id"].startswith(b"too-many:")
+        }
+
+    until(lambda: len(failures()) == len(texts), "a failure record per text", timeout=20)
+    found = failures()
+    first = found[b"too-many:0"]
+    assert (first[b"error"], first[b"model"], first[b"variant"]) == (
+        b"overloaded",
+        b"tiny",
+        b"control",
+    )
+    assert b"label" not in first
+    assert b"too-many:2048" in found
 
 
 def test_a_router_batch_keeps_each_request_id_bucket_language_and_shadow_tag(

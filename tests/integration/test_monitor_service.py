@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from loopline.v1 import common_pb2 as common
 from loopline.v1 import monitor_pb2 as pb
 from loopline.v1 import monitor_pb2_grpc as pb_grpc
-from services.inference.records import InferenceRecord
+from services.inference.records import FailureRecord, InferenceRecord
 from tests.fixtures.mlflow_store import clone_store
 from tests.fixtures.packages import register_package
 from tests.fixtures.redis import RedisServer
@@ -100,6 +100,18 @@ def stack(
         right = (n % 10 != 0) if variant == "control" else (n % 10 < 6)
         truth = predicted if right else ("negative" if predicted == "positive" else "positive")
         client.xadd("loopline:feedback", {"request_id": f"req-{n}", "label": truth})
+    for n in range(10):  # candidate requests a worker accepted and failed to answer
+        failed = FailureRecord(
+            request_id=f"failed-{n}",
+            time=time.time(),
+            model="tiny",
+            version="2",
+            experiment=EXPERIMENT,
+            variant="candidate",
+            user_bucket="",
+            error="overloaded",
+        )
+        client.xadd("loopline:inference", failed.to_fields())  # type: ignore[arg-type]
     port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -125,7 +137,7 @@ def stack(
         except grpc.RpcError:
             assert process.poll() is None, (home / "monitor.log").read_text()[-3000:]
             return False
-        return stats.requests == 400 and stats.accuracy.labelled == 400
+        return (stats.requests, stats.errors, stats.accuracy.labelled) == (400, 10, 400)
 
     try:
         until(folded, "every record folded")
@@ -138,7 +150,7 @@ def stack(
 
 def test_stats_count_every_record_once_with_live_accuracy(stack: Stack) -> None:
     stats = stack.stub.GetStats(pb.GetStatsRequest(model=common.ModelRef(name="tiny")), timeout=5)
-    assert stats.requests == 400
+    assert (stats.requests, stats.errors) == (400, 10)
     assert stats.accuracy.correct == 280  # 160 of 200 control + 120 of 200 candidate
     assert stats.accuracy.interval.lower < 0.7 < stats.accuracy.interval.upper
     assert {s.label: s.count for s in stats.labels} == {"negative": 200, "positive": 200}
@@ -152,7 +164,7 @@ def test_stats_count_every_record_once_with_live_accuracy(stack: Stack) -> None:
         model=common.ModelRef(name="tiny"), experiment_id=EXPERIMENT, variant="control"
     )
     control = stack.stub.GetStats(one, timeout=5)
-    assert (control.requests, control.accuracy.correct) == (200, 160)
+    assert (control.requests, control.errors, control.accuracy.correct) == (200, 0, 160)
 
 
 def test_the_experiment_report_keeps_the_baseline(stack: Stack) -> None:
@@ -160,6 +172,7 @@ def test_the_experiment_report_keeps_the_baseline(stack: Stack) -> None:
     report = stack.stub.GetExperimentReport(request, timeout=10)
     assert [v.variant for v in report.variants] == ["control", "candidate"]
     assert [v.accuracy for v in report.variants] == pytest.approx([0.8, 0.6])
+    assert [(v.requests, v.errors) for v in report.variants] == [(200, 0), (200, 10)]
     (comparison,) = report.comparisons
     assert comparison.difference == pytest.approx(-0.2)
     assert comparison.p_value < 1e-4

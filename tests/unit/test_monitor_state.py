@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 
 from loopline.redis import connect
-from services.inference.records import InferenceRecord
+from services.inference.records import FailureRecord, InferenceRecord
 from services.monitor.events import (
+    Failure,
     Label,
     MalformedRecordError,
     Prediction,
+    is_failure,
+    parse_failure,
     parse_label,
     parse_prediction,
 )
@@ -345,6 +348,72 @@ def test_refolding_counts_nothing_twice(redis_url: str) -> None:
     assert run_with_state(redis_url, reread, config) == total
     # Labelled: 7 served + the shadow of r3; correct: odd ids (r3, r9, r15) and r3's shadow.
     assert (total.requests, total.labelled, total.correct) == (21, 8, 4)
+
+
+def failure(request_id: str, *, at: float = T0 + 2, **tags: Any) -> Failure:
+    fields = FailureRecord(
+        request_id=request_id,
+        time=at,
+        model="sentiment",
+        version=tags.pop("version", "1"),
+        experiment=tags.pop("experiment", ""),
+        variant=tags.pop("variant", ""),
+        user_bucket="3",
+        error="overloaded",
+        **tags,
+    ).to_fields()
+    assert is_failure(fields)
+    return parse_failure("1-0", fields)
+
+
+def test_a_failure_record_parses_and_an_answer_is_not_one() -> None:
+    parsed = failure("f1", experiment="e1", variant="control", shadow=True)
+    assert (parsed.request_id, parsed.model, parsed.version, parsed.error) == (
+        "f1",
+        "sentiment",
+        "1",
+        "overloaded",
+    )
+    assert (parsed.experiment, parsed.variant, parsed.shadow, parsed.time) == (
+        "e1",
+        "control",
+        True,
+        T0 + 2,
+    )
+    assert not is_failure(record("r1").to_fields())
+    with pytest.raises(MalformedRecordError, match=r"failure\.missing_model"):
+        parse_failure("1-0", {"request_id": "f", "version": "1", "error": "internal"})
+
+
+def test_failures_count_once_apart_from_answers(redis_url: str) -> None:
+    async def body(state: State) -> tuple[FoldResult, FoldResult, Totals, Totals, Any]:
+        first = await state.fold(
+            [prediction("ok1"), prediction("ok2", experiment="e1", variant="control")],
+            [feedback("f1", "positive")],
+            [failure("f1"), failure("f2", experiment="e1", variant="control"), failure("f3")],
+        )
+        again = await state.fold([], [], [failure("f1"), failure("f3")])
+        since_deploy = await state.window_totals("sentiment")
+        window = await state.window_totals("sentiment", "1", T0, T0 + W)
+        return first, again, since_deploy, window, await state.variant_totals("e1")
+
+    first, again, since_deploy, window, variants = run_with_state(redis_url, body)
+    assert (first.failures, first.predictions, first.joins) == (3, 2, 0)
+    assert (again.failures, again.duplicate_failures) == (0, 2)
+    assert (since_deploy.requests, since_deploy.errors) == (2, 3)
+    assert (window.requests, window.errors) == (2, 3)
+    assert since_deploy.labelled == 0  # the failed request's label waits for an answer
+    assert (variants["control"].totals.requests, variants["control"].totals.errors) == (1, 1)
+
+
+def test_a_window_with_only_failures_has_its_span(redis_url: str) -> None:
+    async def body(state: State) -> Totals:
+        await state.fold([], [], [failure("f", at=T0 + 3 * W + 7)])
+        return await state.window_totals("sentiment")
+
+    totals = run_with_state(redis_url, body)
+    assert (totals.requests, totals.errors) == (0, 1)
+    assert totals.first == totals.last == T0 + 3 * W + 7
 
 
 def test_drift_samples_are_bounded_per_window(redis_url: str) -> None:
