@@ -178,21 +178,12 @@ class Worker:
         from services.inference.records import InferenceRecord
 
         labels = model.manifest.labels
-        now = time.time()
-        params = request.parameters
-        ids = per_text.request_ids(params, request.request_id, len(tokens))
-        buckets = per_text.user_buckets(params, len(tokens))
-        for index, (token, result) in enumerate(zip(tokens, results, strict=True)):
+        texts = zip(_tags(model, request), tokens, results, strict=True)
+        for index, (tags, token, result) in enumerate(texts):
             probs = result.probabilities
             self.records.submit(
                 InferenceRecord(
-                    request_id=ids[index],
-                    time=now,
-                    model=model.name,
-                    version=model.version,
-                    experiment=params.get("experiment", ""),
-                    variant=params.get("variant", ""),
-                    user_bucket=buckets[index],
+                    **tags,
                     label=labels[int(probs.argmax())],
                     probabilities=[float(p) for p in probs],
                     labels=labels,
@@ -204,8 +195,6 @@ class Worker:
                     batch_size=result.batch_size,
                     sketch=[float(x) for x in result.embedding @ model.sketch],
                     text=request.texts[index] if self.settings.log_text else None,
-                    language=params.get("language", ""),
-                    shadow=params.get("shadow", "") in ("1", "true", "True"),
                 )
             )
 
@@ -213,26 +202,8 @@ class Worker:
         """One failure record per text of a request that was accepted and not answered."""
         from services.inference.records import FailureRecord
 
-        params = request.parameters
-        count = len(request.texts)
-        ids = per_text.request_ids(params, request.request_id, count)
-        buckets = per_text.user_buckets(params, count)
-        now = time.time()
-        for index in range(count):
-            self.records.submit(
-                FailureRecord(
-                    request_id=ids[index],
-                    time=now,
-                    model=model.name,
-                    version=model.version,
-                    experiment=params.get("experiment", ""),
-                    variant=params.get("variant", ""),
-                    user_bucket=buckets[index],
-                    error=str(error.kind),
-                    language=params.get("language", ""),
-                    shadow=params.get("shadow", "") in ("1", "true", "True"),
-                )
-            )
+        for tags in _tags(model, request):
+            self.records.submit(FailureRecord(**tags, error=str(error.kind)))
 
     def register(self, server: grpc.aio.Server) -> list[str]:
         from loopline.oip import grpc_service_pb2_grpc as pb_grpc
@@ -316,6 +287,28 @@ async def serve(settings: InferenceSettings) -> None:
         extra={"endpoint": endpoint, "models": [m.describe() for m in worker.repository.served()]},
     )
     await server.run_until_signal()
+
+
+def _tags(model: Any, request: Any) -> list[dict[str, Any]]:
+    """What every record of a request's texts carries, one dict per text: its request id and
+    user bucket (loopline/per_text.py), the model version and the request's routing tags."""
+    params = request.parameters
+    count = len(request.texts)
+    ids = per_text.request_ids(params, request.request_id, count)
+    buckets = per_text.user_buckets(params, count)
+    shared = {
+        "time": time.time(),
+        "model": model.name,
+        "version": model.version,
+        "experiment": params.get("experiment", ""),
+        "variant": params.get("variant", ""),
+        "language": params.get("language", ""),
+        "shadow": params.get("shadow", "") in ("1", "true", "True"),
+    }
+    return [
+        {**shared, "request_id": rid, "user_bucket": bucket}
+        for rid, bucket in zip(ids, buckets, strict=True)
+    ]
 
 
 def main(**overrides: Any) -> None:

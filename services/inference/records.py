@@ -104,13 +104,7 @@ class InferenceRecord:
     def to_fields(self) -> dict[str, str]:
         """Flat stream fields: lists as compact JSON, bools "1"/"0", `text` omitted when None."""
         fields = {
-            "request_id": self.request_id,
-            "time": f"{self.time:.6f}",
-            "model": self.model,
-            "version": self.version,
-            "experiment": self.experiment,
-            "variant": self.variant,
-            "user_bucket": self.user_bucket,
+            **_tag_fields(self),
             "label": self.label,
             "probabilities": _dumps([_g(p) for p in self.probabilities]),
             "labels": _dumps(self.labels),
@@ -176,13 +170,7 @@ class FailureRecord:
     def to_fields(self) -> dict[str, str]:
         """Flat stream fields, named as an answer's are."""
         return {
-            "request_id": self.request_id,
-            "time": f"{self.time:.6f}",
-            "model": self.model,
-            "version": self.version,
-            "experiment": self.experiment,
-            "variant": self.variant,
-            "user_bucket": self.user_bucket,
+            **_tag_fields(self),
             "error": self.error,
             "language": self.language,
             "shadow": "1" if self.shadow else "0",
@@ -190,6 +178,19 @@ class FailureRecord:
 
 
 Record = InferenceRecord | FailureRecord
+
+
+def _tag_fields(record: Record) -> dict[str, str]:
+    """The fields every record of a text starts with: who asked, when, and what answered."""
+    return {
+        "request_id": record.request_id,
+        "time": f"{record.time:.6f}",
+        "model": record.model,
+        "version": record.version,
+        "experiment": record.experiment,
+        "variant": record.variant,
+        "user_bucket": record.user_bucket,
+    }
 
 
 def _text(value: bytes | str) -> str:
