@@ -455,7 +455,10 @@ def test_killing_one_of_two_workers_under_load_fails_no_request(stack: Stack) ->
             except grpc.RpcError as err:
                 outcomes[f"{err.code().name}: {err.details()}"] += 1  # type: ignore[attr-defined]
 
-    clients = [threading.Thread(target=load) for _ in range(4)]
+    # 12 callers for 2 workers x 2 calls each: past the limit, so calls are also merged, and a
+    # merged call caught on the killed worker must be retried whole on the other.
+    clients = [threading.Thread(target=load) for _ in range(12)]
+    merged_before = _merged_calls(stack)
     for client in clients:
         client.start()
     try:
@@ -468,6 +471,7 @@ def test_killing_one_of_two_workers_under_load_fails_no_request(stack: Stack) ->
         for client in clients:
             client.join()
     assert set(outcomes) == {"ok"}, outcomes
+    assert _merged_calls(stack) > merged_before
 
 
 def test_sigterm_drains_and_exits_zero(stack: Stack) -> None:
