@@ -81,7 +81,7 @@ class Coalescer:
         self._workers = workers
         self._per_worker = per_worker
         self._max_texts = max_texts
-        self._on_call = on_call  # (model, texts in the worker call), for metrics
+        self._on_call = on_call  # (model, texts in an answered worker call), for metrics
         self._keys: dict[tuple[object, ...], _Key] = {}
         self._groups: set[asyncio.Task[None]] = set()
 
@@ -105,12 +105,14 @@ class Coalescer:
     def _limit(self, ref: ModelRef) -> int:
         return self._per_worker * max(1, self._workers(ref))
 
-    def _call(
+    async def _call(
         self, ref: ModelRef, texts: list[str], params: dict[str, str], deadline: float | None
-    ) -> Awaitable[WorkerAnswer]:
+    ) -> WorkerAnswer:
+        answer = await self._infer(ref, texts, params, deadline)
         if self._on_call is not None:
-            self._on_call(ref.name, len(texts))
-        return self._infer(ref, texts, params, deadline)
+            # Counted under the model a worker answered for: never a name a caller made up.
+            self._on_call(answer.model, len(texts))
+        return answer
 
     def _release(self, key: tuple[object, ...], state: _Key, ref: ModelRef) -> None:
         """An outstanding call returned: send what waits, as far as the limit allows."""

@@ -264,3 +264,25 @@ def test_a_merged_call_stays_within_the_character_budget() -> None:
         await asyncio.gather(*rest)
 
     run(scenario)
+
+
+def test_only_answered_calls_are_counted_under_the_answering_model() -> None:
+    counted: list[tuple[str, int]] = []
+
+    async def main() -> None:
+        fake = FakeWorker()
+        coalescer = Coalescer(fake, lambda ref: 1, on_call=lambda m, n: counted.append((m, n)))
+        fake.down = True
+        failing = forward(coalescer, "x", "r1")
+        await fake.wait_calls(1)
+        fake.open(0)
+        with pytest.raises(NotReady):
+            await failing
+        fake.down = False
+        answered = forward(coalescer, "y", "r2")
+        await fake.wait_calls(2)
+        fake.open(1)
+        await answered
+
+    asyncio.run(main())
+    assert counted == [("sentiment", 1)]  # the failed call named no model a worker served
