@@ -253,10 +253,6 @@ class Balancer:
             for u in sorted(self._upstreams.values(), key=lambda u: u.address)
         ]
 
-    def workers_for(self, ref: ModelRef) -> int:
-        """How many healthy workers serve `ref` now."""
-        return len(self._candidates(ref))
-
     def _candidates(self, ref: ModelRef) -> list[_Upstream]:
         self._sync()
         addresses = self._index.get((ref.name, ref.target), ())

@@ -106,7 +106,7 @@ class RouterService:
         self.coalescer = (
             Coalescer(
                 self.balancer.infer,
-                self.balancer.workers_for,
+                lambda ref: len(self.balancer.candidates(ref)),
                 per_worker=settings.coalesce_per_worker,
                 max_texts=settings.coalesce_max_texts,
                 on_call=self.metrics.upstream_call,
