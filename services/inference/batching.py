@@ -13,6 +13,7 @@ Two layers, tested separately (style.md, "The batching queue"):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import time
 from collections.abc import Callable, Iterable
@@ -544,7 +545,7 @@ class Batcher:
             _fail_all(prepared.entries, error)
         finally:
             self._in_flight -= len(prepared.entries)
-            self._free = sorted([*self._free, slot])
+            bisect.insort(self._free, slot)
             self._wakeup.set()
 
     def _deliver(

@@ -24,16 +24,6 @@ TEXT_INPUT = "text"
 PROBABILITIES_OUTPUT = "probabilities"
 LABEL_OUTPUT = "label"
 TRUNCATED_OUTPUT = "truncated"
-PASSED_THROUGH = (
-    "request_id",
-    "request_ids",  # JSON list, one id per text (loopline/per_text.py)
-    "experiment",
-    "variant",
-    "user_bucket",
-    "user_buckets",  # JSON list, one bucket per text
-    "language",
-    "shadow",
-)
 
 
 @dataclass
