@@ -54,6 +54,7 @@ __all__ = [
     "RecordWriter",
     "Spool",
     "SpoolBatch",
+    "TextTags",
 ]
 
 log = get_logger(__name__)
@@ -77,8 +78,9 @@ def _dumps(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class InferenceRecord:
-    """What a worker knows about one classified text; the monitor's raw material."""
+class TextTags:
+    """What every record of a text carries, answered or failed: who asked, when, what served it
+    and the routing tags."""
 
     request_id: str
     time: float  # unix seconds
@@ -87,6 +89,28 @@ class InferenceRecord:
     experiment: str
     variant: str
     user_bucket: str  # "" when the request had no user
+    language: str = field(default="", kw_only=True)  # detected by the router, when it routes
+    shadow: bool = field(default=False, kw_only=True)  # a mirrored copy: never answered
+
+    def tag_fields(self) -> dict[str, str]:
+        """These tags as stream fields."""
+        return {
+            "request_id": self.request_id,
+            "time": f"{self.time:.6f}",
+            "model": self.model,
+            "version": self.version,
+            "experiment": self.experiment,
+            "variant": self.variant,
+            "user_bucket": self.user_bucket,
+            "language": self.language,
+            "shadow": "1" if self.shadow else "0",
+        }
+
+
+@dataclass(frozen=True)
+class InferenceRecord(TextTags):
+    """What a worker knows about one classified text; the monitor's raw material."""
+
     label: str
     probabilities: list[float]
     labels: list[str]  # the order of `probabilities`
@@ -98,13 +122,11 @@ class InferenceRecord:
     batch_size: int
     sketch: list[float]  # 16-dim projection of the pooled embedding
     text: str | None = None  # None when log_text is off
-    language: str = ""  # detected by the router when the model routes by language
-    shadow: bool = False  # a mirrored copy of a served request: never answered to a caller
 
     def to_fields(self) -> dict[str, str]:
         """Flat stream fields: lists as compact JSON, bools "1"/"0", `text` omitted when None."""
         fields = {
-            **_tag_fields(self),
+            **self.tag_fields(),
             "label": self.label,
             "probabilities": _dumps([_g(p) for p in self.probabilities]),
             "labels": _dumps(self.labels),
@@ -115,8 +137,6 @@ class InferenceRecord:
             "compute_ms": f"{self.compute_ms:.3f}",
             "batch_size": str(self.batch_size),
             "sketch": _dumps([_g(s) for s in self.sketch]),
-            "language": self.language,
-            "shadow": "1" if self.shadow else "0",
         }
         if self.text is not None:
             fields["text"] = self.text
@@ -151,46 +171,19 @@ class InferenceRecord:
 
 
 @dataclass(frozen=True)
-class FailureRecord:
+class FailureRecord(TextTags):
     """A text the worker accepted and could not answer. On the same stream as the answers, told
     apart by its `error` field (the failure's kind); it has no label, so readers of answers skip
     it, and the monitor counts it in `GetStats.errors`."""
 
-    request_id: str
-    time: float  # unix seconds
-    model: str
-    version: str
-    experiment: str
-    variant: str
-    user_bucket: str
     error: str  # ErrorKind value: overloaded, deadline, not_ready, internal
-    language: str = ""
-    shadow: bool = False
 
     def to_fields(self) -> dict[str, str]:
-        """Flat stream fields, named as an answer's are."""
-        return {
-            **_tag_fields(self),
-            "error": self.error,
-            "language": self.language,
-            "shadow": "1" if self.shadow else "0",
-        }
+        """Flat stream fields, the tags named as an answer's are."""
+        return {**self.tag_fields(), "error": self.error}
 
 
 Record = InferenceRecord | FailureRecord
-
-
-def _tag_fields(record: Record) -> dict[str, str]:
-    """The fields every record of a text starts with: who asked, when, and what answered."""
-    return {
-        "request_id": record.request_id,
-        "time": f"{record.time:.6f}",
-        "model": record.model,
-        "version": record.version,
-        "experiment": record.experiment,
-        "variant": record.variant,
-        "user_bucket": record.user_bucket,
-    }
 
 
 def _text(value: bytes | str) -> str:
