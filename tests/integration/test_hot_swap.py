@@ -24,7 +24,7 @@ from services.inference.main import Worker
 from services.inference.settings import InferenceSettings
 from services.trainer.pipeline import TrainRequest, run_job
 from tests.fixtures.mlflow_store import MlflowStore
-from tests.fixtures.packages import TINY_RECIPE
+from tests.fixtures.packages import TINY_INT8_MAX_DROP_POINTS, TINY_RECIPE
 from tests.fixtures.waiting import until_async
 
 
@@ -42,6 +42,7 @@ def _register_two_versions(
                 output=tmp_path / f"v{seed}",
                 mlflow_uri=store.tracking_uri,
                 train=TINY_RECIPE.model_copy(update={"seed": seed, "epochs": 2}),
+                int8_max_drop_points=TINY_INT8_MAX_DROP_POINTS,
             )
         )
 
