@@ -11,9 +11,13 @@ Measured in one run, on one machine, so the ratios hold even when the machine is
    sizes; the best sentences/s is the ceiling, batch 1 gives the latency floor;
 2. a worker process (`python -m services.inference`) driven by a grpc.aio load generator, one text
    per request, at several concurrencies: sentences/s and p50/p95/p99 latency;
-3. a lone request: the worker at concurrency 1 against the same texts alone in-process, in
+3. the worker's data plane (validation, tokenizing, batching, engine) built in this process and
+   called without gRPC at the highest concurrency: between it and the ceiling is what batching
+   costs (texts drawn from what is queued pad more than the sorted corpus), between it and the
+   worker is what gRPC costs;
+4. a lone request: the worker at concurrency 1 against the same texts alone in-process, in
    alternating rounds, whose p50 difference is the worker's added latency;
-4. the worker's RSS after the load.
+5. the worker's RSS after the load.
 Results: bench/results/inference.json and bench/results/inference.png.
 """
 
@@ -128,6 +132,49 @@ def in_process(package: Path, variant: str, corpus: list[str]) -> dict[str, Any]
     rows["batch1_latency"] = percentiles(lone)
     engine.close()
     return rows
+
+
+async def data_plane(
+    package: Path, variant: str, corpus: list[str], concurrency: int, seconds: float, home: Path
+) -> dict[str, Any]:
+    """The worker's `DataPlane` with its batcher and engine, in this process, no gRPC: the same
+    one text per request from `concurrency` callers."""
+    from loopline.package import read_manifest
+    from services.inference.handlers import InferRequest
+    from services.inference.main import Worker
+    from services.inference.models import ModelSource
+    from services.inference.settings import InferenceSettings
+
+    settings = InferenceSettings(
+        models=[str(package)],
+        cpu_variant=variant,  # type: ignore[arg-type]
+        records=False,
+        cache_dir=home / "cache",
+    )
+    worker = Worker(settings)  # not started: no heartbeat, no records, no alias watching
+    model = read_manifest(package).name
+    answered = 0
+    try:
+        await worker.repository.add(ModelSource.parse(str(package)))
+
+        async def caller(offset: int, stop_at: float) -> None:
+            nonlocal answered
+            index = offset
+            while time.monotonic() < stop_at:
+                request = InferRequest(model=model, version="", texts=[corpus[index % len(corpus)]])
+                await worker.plane.infer(request)
+                answered += 1
+                index += concurrency
+
+        for duration in (2.0, seconds):  # a warm-up, then the measured run
+            answered = 0
+            started = time.monotonic()
+            stop_at = started + duration
+            await asyncio.gather(*(caller(i, stop_at) for i in range(concurrency)))
+            elapsed = time.monotonic() - started
+    finally:
+        await worker.stop()
+    return {"concurrency": concurrency, "sentences_per_s": round(answered / elapsed, 1)}
 
 
 def lone_in_process(engine: Any, ids: list[list[int]], pad_id: int) -> list[float]:
@@ -301,6 +348,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
         linestyle=":",
         label="in-process ceiling",
     )
+    ax.axvline(
+        results["data_plane"]["sentences_per_s"],
+        color="tab:green",
+        linestyle="-.",
+        label=f"data plane, no gRPC (c={results['data_plane']['concurrency']})",
+    )
     ax.set_xlabel("sentences/s")
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"worker ({results['variant']}) throughput vs latency, by concurrency")
@@ -322,6 +375,9 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
     }
     results["in_process"] = in_process(package, variant, corpus)
     with tempfile.TemporaryDirectory() as home:
+        results["data_plane"] = await data_plane(
+            package, variant, corpus, CONCURRENCIES[-1], seconds, Path(home)
+        )
         process, address = start_worker(package, variant, Path(home))
         try:
             await wait_ready(address)
@@ -346,6 +402,8 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         "worker_best_sentences_per_s": best,
         "ceiling_sentences_per_s": ceiling,
         "worker_vs_ceiling": round(best / ceiling, 3),
+        "data_plane_sentences_per_s": results["data_plane"]["sentences_per_s"],
+        "data_plane_vs_ceiling": round(results["data_plane"]["sentences_per_s"] / ceiling, 3),
         "lone_request_p50_ms": results["lone"]["worker"]["p50_ms"],
         "in_process_batch1_p50_ms": results["lone"]["in_process_batch1"]["p50_ms"],
         "lone_request_overhead_ms": round(lone, 3),
