@@ -107,7 +107,8 @@ class Hyperparameters(_Strict):
 
 
 class GateSpec(_Strict):
-    """When the new version may take the alias (policy `gate`)."""
+    """When the new version may take the alias (policy `gate`), and the limits its export must
+    meet (`max_export_error`, `max_int8_drop_points`) whatever the policy."""
 
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     min_value: float = Field(0.0, ge=0, le=1)
@@ -115,6 +116,7 @@ class GateSpec(_Strict):
     compare_alias: str = "champion"
     max_export_error: float = Field(1e-3, gt=0)
     max_latency_factor: float = Field(1.25, gt=0)
+    max_int8_drop_points: float = 0.5
 
 
 class JobSpec(_Strict):
@@ -254,6 +256,8 @@ def _gate(message: pb.PromotionGate) -> dict[str, Any]:
         out["max_export_error"] = message.max_export_error
     if message.max_latency_factor:
         out["max_latency_factor"] = message.max_latency_factor
+    if message.HasField("max_int8_drop_points"):
+        out["max_int8_drop_points"] = message.max_int8_drop_points
     return out
 
 
@@ -356,6 +360,7 @@ def spec_pb(spec: JobSpec) -> pb.JobSpec:
                 compare_alias=g.compare_alias,
                 max_export_error=g.max_export_error,
                 max_latency_factor=g.max_latency_factor,
+                max_int8_drop_points=g.max_int8_drop_points,
             )
         )
     return message

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loopline.v1 import common_pb2 as loopline_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loopline/v1/trainer.proto\x12\x0bloopline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopline/v1/common.proto\"*\n\nFileSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"\xc5\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kSource\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12\x14\n\x0cmax_examples\x18\x05 \x01(\x03\x12\x11\n\tmix_ratio\x18\x06 \x01(\x01\x12\x14\n\x0cmin_examples\x18\x07 \x01(\x03\"p\n\nDataSource\x12\'\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.loopline.v1.FileSourceH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.loopline.v1.FeedbackSourceH\x00\x42\x08\n\x06source\"\xa5\x02\n\x0fHyperparameters\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cwarmup_ratio\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x36\n\x05\x65xtra\x18\x05 \x03(\x0b\x32\'.loopline.v1.Hyperparameters.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\x0f\n\r_weight_decayB\x0f\n\r_warmup_ratio\"\x98\x01\n\rPromotionGate\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x11\n\tmin_value\x18\x02 \x01(\x01\x12\x17\n\x0fmin_improvement\x18\x03 \x01(\x01\x12\x15\n\rcompare_alias\x18\x04 \x01(\t\x12\x18\n\x10max_export_error\x18\x05 \x01(\x01\x12\x1a\n\x12max_latency_factor\x18\x06 \x01(\x01\"\x9c\x04\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x17.loopline.v1.DataSource\x12\x13\n\x0btext_column\x18\x04 \x01(\t\x12\x14\n\x0clabel_column\x18\x05 \x01(\t\x12\x32\n\x0fvalidation_data\x18\x06 \x01(\x0b\x32\x17.loopline.v1.DataSourceH\x00\x12\x1d\n\x13validation_fraction\x18\x07 \x01(\x01H\x00\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x0e\n\x06\x65pochs\x18\t \x01(\x05\x12\x0e\n\x06trials\x18\n \x01(\x05\x12\x12\n\nmax_length\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x35\n\x0fhyperparameters\x18\r \x01(\x0b\x32\x1c.loopline.v1.Hyperparameters\x12(\n\x04gate\x18\x0e \x01(\x0b\x32\x1a.loopline.v1.PromotionGate\x12,\n\x04tags\x18\x0f \x03(\x0b\x32\x1e.loopline.v1.JobSpec.TagsEntry\x12/\n\tpromotion\x18\x10 \x01(\x0e\x32\x1c.loopline.v1.PromotionPolicy\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\nvalidation\"\xad\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x12\r\n\x05trial\x18\x07 \x01(\x05\x12\x0e\n\x06trials\x18\x08 \x01(\x05\x12\x15\n\rlearning_rate\x18\t \x01(\x01\"\xd2\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.loopline.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12$\n\x05model\x18\x05 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12.\n\x07metrics\x18\x06 \x03(\x0b\x32\x1d.loopline.v1.Job.MetricsEntry\x12\'\n\x08progress\x18\x07 \x01(\x0b\x32\x15.loopline.v1.Progress\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgate_passed\x18\x0b \x01(\x08\x12\x13\n\x0bgate_reason\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.loopline.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"m\n\x0fListJobsRequest\x12&\n\x04page\x18\x01 \x01(\x0b\x32\x18.loopline.v1.PageRequest\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\x0c\n\x04name\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.loopline.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"s\n\x0bStateChange\x12-\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x15.loopline.v1.JobState\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa6\x01\n\rMetricsUpdate\x12\x38\n\x07metrics\x18\x01 \x03(\x0b\x32\'.loopline.v1.MetricsUpdate.MetricsEntry\x12\r\n\x05split\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\r\n\x05trial\x18\x04 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x30\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x18.loopline.v1.StateChangeH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.loopline.v1.ProgressH\x00\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.loopline.v1.MetricsUpdateH\x00\x12\x1f\n\x03job\x18\x07 \x01(\x0b\x32\x10.loopline.v1.JobH\x00\x42\x07\n\x05\x65vent*\x9e\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x16\n\x12JOB_STATE_TRAINING\x10\x03\x12\x17\n\x13JOB_STATE_EXPORTING\x10\x04\x12\x18\n\x14JOB_STATE_EVALUATING\x10\x05\x12\x19\n\x15JOB_STATE_REGISTERING\x10\x06\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x07\x12\x14\n\x10JOB_STATE_FAILED\x10\x08\x12\x17\n\x13JOB_STATE_CANCELLED\x10\t\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\n*\x86\x01\n\x0fPromotionPolicy\x12 \n\x1cPROMOTION_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15PROMOTION_POLICY_NONE\x10\x01\x12\x19\n\x15PROMOTION_POLICY_GATE\x10\x02\x12\x1b\n\x17PROMOTION_POLICY_ALWAYS\x10\x03\x32\xc9\x02\n\x07Trainer\x12<\n\tSubmitJob\x12\x1d.loopline.v1.SubmitJobRequest\x1a\x10.loopline.v1.Job\x12\x36\n\x06GetJob\x12\x1a.loopline.v1.GetJobRequest\x1a\x10.loopline.v1.Job\x12G\n\x08ListJobs\x12\x1c.loopline.v1.ListJobsRequest\x1a\x1d.loopline.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.loopline.v1.CancelJobRequest\x1a\x10.loopline.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.loopline.v1.WatchJobRequest\x1a\x15.loopline.v1.JobEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19loopline/v1/trainer.proto\x12\x0bloopline.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loopline/v1/common.proto\"*\n\nFileSource\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\"\xc5\x01\n\x0e\x46\x65\x65\x64\x62\x61\x63kSource\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07sources\x18\x04 \x03(\t\x12\x14\n\x0cmax_examples\x18\x05 \x01(\x03\x12\x11\n\tmix_ratio\x18\x06 \x01(\x01\x12\x14\n\x0cmin_examples\x18\x07 \x01(\x03\"p\n\nDataSource\x12\'\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.loopline.v1.FileSourceH\x00\x12/\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.loopline.v1.FeedbackSourceH\x00\x42\x08\n\x06source\"\xa5\x02\n\x0fHyperparameters\x12\x1a\n\rlearning_rate\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0cwarmup_ratio\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x36\n\x05\x65xtra\x18\x05 \x03(\x0b\x32\'.loopline.v1.Hyperparameters.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\x0f\n\r_weight_decayB\x0f\n\r_warmup_ratio\"\xd4\x01\n\rPromotionGate\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x11\n\tmin_value\x18\x02 \x01(\x01\x12\x17\n\x0fmin_improvement\x18\x03 \x01(\x01\x12\x15\n\rcompare_alias\x18\x04 \x01(\t\x12\x18\n\x10max_export_error\x18\x05 \x01(\x01\x12\x1a\n\x12max_latency_factor\x18\x06 \x01(\x01\x12!\n\x14max_int8_drop_points\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x17\n\x15_max_int8_drop_points\"\x9c\x04\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12%\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32\x17.loopline.v1.DataSource\x12\x13\n\x0btext_column\x18\x04 \x01(\t\x12\x14\n\x0clabel_column\x18\x05 \x01(\t\x12\x32\n\x0fvalidation_data\x18\x06 \x01(\x0b\x32\x17.loopline.v1.DataSourceH\x00\x12\x1d\n\x13validation_fraction\x18\x07 \x01(\x01H\x00\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x0e\n\x06\x65pochs\x18\t \x01(\x05\x12\x0e\n\x06trials\x18\n \x01(\x05\x12\x12\n\nmax_length\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x35\n\x0fhyperparameters\x18\r \x01(\x0b\x32\x1c.loopline.v1.Hyperparameters\x12(\n\x04gate\x18\x0e \x01(\x0b\x32\x1a.loopline.v1.PromotionGate\x12,\n\x04tags\x18\x0f \x03(\x0b\x32\x1e.loopline.v1.JobSpec.TagsEntry\x12/\n\tpromotion\x18\x10 \x01(\x0e\x32\x1c.loopline.v1.PromotionPolicy\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\nvalidation\"\xad\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x12\r\n\x05trial\x18\x07 \x01(\x05\x12\x0e\n\x06trials\x18\x08 \x01(\x05\x12\x15\n\rlearning_rate\x18\t \x01(\x01\"\xd2\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.loopline.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12$\n\x05model\x18\x05 \x01(\x0b\x32\x15.loopline.v1.ModelRef\x12.\n\x07metrics\x18\x06 \x03(\x0b\x32\x1d.loopline.v1.Job.MetricsEntry\x12\'\n\x08progress\x18\x07 \x01(\x0b\x32\x15.loopline.v1.Progress\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bgate_passed\x18\x0b \x01(\x08\x12\x13\n\x0bgate_reason\x18\x0c \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x10SubmitJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.loopline.v1.JobSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"m\n\x0fListJobsRequest\x12&\n\x04page\x18\x01 \x01(\x0b\x32\x18.loopline.v1.PageRequest\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\x0c\n\x04name\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.loopline.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\".\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"s\n\x0bStateChange\x12-\n\x0eprevious_state\x18\x01 \x01(\x0e\x32\x15.loopline.v1.JobState\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.loopline.v1.JobState\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa6\x01\n\rMetricsUpdate\x12\x38\n\x07metrics\x18\x01 \x03(\x0b\x32\'.loopline.v1.MetricsUpdate.MetricsEntry\x12\r\n\x05split\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\r\n\x05trial\x18\x04 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8c\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x30\n\x0cstate_change\x18\x04 \x01(\x0b\x32\x18.loopline.v1.StateChangeH\x00\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x15.loopline.v1.ProgressH\x00\x12-\n\x07metrics\x18\x06 \x01(\x0b\x32\x1a.loopline.v1.MetricsUpdateH\x00\x12\x1f\n\x03job\x18\x07 \x01(\x0b\x32\x10.loopline.v1.JobH\x00\x42\x07\n\x05\x65vent*\x9e\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_VALIDATING\x10\x02\x12\x16\n\x12JOB_STATE_TRAINING\x10\x03\x12\x17\n\x13JOB_STATE_EXPORTING\x10\x04\x12\x18\n\x14JOB_STATE_EVALUATING\x10\x05\x12\x19\n\x15JOB_STATE_REGISTERING\x10\x06\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x07\x12\x14\n\x10JOB_STATE_FAILED\x10\x08\x12\x17\n\x13JOB_STATE_CANCELLED\x10\t\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\n*\x86\x01\n\x0fPromotionPolicy\x12 \n\x1cPROMOTION_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15PROMOTION_POLICY_NONE\x10\x01\x12\x19\n\x15PROMOTION_POLICY_GATE\x10\x02\x12\x1b\n\x17PROMOTION_POLICY_ALWAYS\x10\x03\x32\xc9\x02\n\x07Trainer\x12<\n\tSubmitJob\x12\x1d.loopline.v1.SubmitJobRequest\x1a\x10.loopline.v1.Job\x12\x36\n\x06GetJob\x12\x1a.loopline.v1.GetJobRequest\x1a\x10.loopline.v1.Job\x12G\n\x08ListJobs\x12\x1c.loopline.v1.ListJobsRequest\x1a\x1d.loopline.v1.ListJobsResponse\x12<\n\tCancelJob\x12\x1d.loopline.v1.CancelJobRequest\x1a\x10.loopline.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.loopline.v1.WatchJobRequest\x1a\x15.loopline.v1.JobEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_METRICSUPDATE_METRICSENTRY']._loaded_options = None
   _globals['_METRICSUPDATE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=3028
-  _globals['_JOBSTATE']._serialized_end=3314
-  _globals['_PROMOTIONPOLICY']._serialized_start=3317
-  _globals['_PROMOTIONPOLICY']._serialized_end=3451
+  _globals['_JOBSTATE']._serialized_start=3088
+  _globals['_JOBSTATE']._serialized_end=3374
+  _globals['_PROMOTIONPOLICY']._serialized_start=3377
+  _globals['_PROMOTIONPOLICY']._serialized_end=3511
   _globals['_FILESOURCE']._serialized_start=101
   _globals['_FILESOURCE']._serialized_end=143
   _globals['_FEEDBACKSOURCE']._serialized_start=146
@@ -56,37 +56,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_start=642
   _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_end=686
   _globals['_PROMOTIONGATE']._serialized_start=756
-  _globals['_PROMOTIONGATE']._serialized_end=908
-  _globals['_JOBSPEC']._serialized_start=911
-  _globals['_JOBSPEC']._serialized_end=1451
-  _globals['_JOBSPEC_TAGSENTRY']._serialized_start=1394
-  _globals['_JOBSPEC_TAGSENTRY']._serialized_end=1437
-  _globals['_PROGRESS']._serialized_start=1454
-  _globals['_PROGRESS']._serialized_end=1627
-  _globals['_JOB']._serialized_start=1630
-  _globals['_JOB']._serialized_end=2096
-  _globals['_JOB_METRICSENTRY']._serialized_start=2050
-  _globals['_JOB_METRICSENTRY']._serialized_end=2096
-  _globals['_SUBMITJOBREQUEST']._serialized_start=2098
-  _globals['_SUBMITJOBREQUEST']._serialized_end=2172
-  _globals['_GETJOBREQUEST']._serialized_start=2174
-  _globals['_GETJOBREQUEST']._serialized_end=2201
-  _globals['_LISTJOBSREQUEST']._serialized_start=2203
-  _globals['_LISTJOBSREQUEST']._serialized_end=2312
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2314
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2389
-  _globals['_CANCELJOBREQUEST']._serialized_start=2391
-  _globals['_CANCELJOBREQUEST']._serialized_end=2437
-  _globals['_WATCHJOBREQUEST']._serialized_start=2439
-  _globals['_WATCHJOBREQUEST']._serialized_end=2468
-  _globals['_STATECHANGE']._serialized_start=2470
-  _globals['_STATECHANGE']._serialized_end=2585
-  _globals['_METRICSUPDATE']._serialized_start=2588
-  _globals['_METRICSUPDATE']._serialized_end=2754
-  _globals['_METRICSUPDATE_METRICSENTRY']._serialized_start=2050
-  _globals['_METRICSUPDATE_METRICSENTRY']._serialized_end=2096
-  _globals['_JOBEVENT']._serialized_start=2757
-  _globals['_JOBEVENT']._serialized_end=3025
-  _globals['_TRAINER']._serialized_start=3454
-  _globals['_TRAINER']._serialized_end=3783
+  _globals['_PROMOTIONGATE']._serialized_end=968
+  _globals['_JOBSPEC']._serialized_start=971
+  _globals['_JOBSPEC']._serialized_end=1511
+  _globals['_JOBSPEC_TAGSENTRY']._serialized_start=1454
+  _globals['_JOBSPEC_TAGSENTRY']._serialized_end=1497
+  _globals['_PROGRESS']._serialized_start=1514
+  _globals['_PROGRESS']._serialized_end=1687
+  _globals['_JOB']._serialized_start=1690
+  _globals['_JOB']._serialized_end=2156
+  _globals['_JOB_METRICSENTRY']._serialized_start=2110
+  _globals['_JOB_METRICSENTRY']._serialized_end=2156
+  _globals['_SUBMITJOBREQUEST']._serialized_start=2158
+  _globals['_SUBMITJOBREQUEST']._serialized_end=2232
+  _globals['_GETJOBREQUEST']._serialized_start=2234
+  _globals['_GETJOBREQUEST']._serialized_end=2261
+  _globals['_LISTJOBSREQUEST']._serialized_start=2263
+  _globals['_LISTJOBSREQUEST']._serialized_end=2372
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2374
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2449
+  _globals['_CANCELJOBREQUEST']._serialized_start=2451
+  _globals['_CANCELJOBREQUEST']._serialized_end=2497
+  _globals['_WATCHJOBREQUEST']._serialized_start=2499
+  _globals['_WATCHJOBREQUEST']._serialized_end=2528
+  _globals['_STATECHANGE']._serialized_start=2530
+  _globals['_STATECHANGE']._serialized_end=2645
+  _globals['_METRICSUPDATE']._serialized_start=2648
+  _globals['_METRICSUPDATE']._serialized_end=2814
+  _globals['_METRICSUPDATE_METRICSENTRY']._serialized_start=2110
+  _globals['_METRICSUPDATE_METRICSENTRY']._serialized_end=2156
+  _globals['_JOBEVENT']._serialized_start=2817
+  _globals['_JOBEVENT']._serialized_end=3085
+  _globals['_TRAINER']._serialized_start=3514
+  _globals['_TRAINER']._serialized_end=3843
 # @@protoc_insertion_point(module_scope)

@@ -328,6 +328,7 @@ class PromotionGate(_message.Message):
     COMPARE_ALIAS_FIELD_NUMBER: _builtins.int
     MAX_EXPORT_ERROR_FIELD_NUMBER: _builtins.int
     MAX_LATENCY_FACTOR_FIELD_NUMBER: _builtins.int
+    MAX_INT8_DROP_POINTS_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
     """Metric that decides, as named in Job.metrics, e.g. "accuracy" or "macro_f1". Empty:
     "accuracy".
@@ -349,6 +350,11 @@ class PromotionGate(_message.Message):
     """The new version's int8 latency per batch may be at most this many times the compared
     version's, measured on the same machine and batches. 0: the trainer default (1.25).
     """
+    max_int8_drop_points: _builtins.float
+    """Largest int8 accuracy loss against fp32 on the validation data, in points, before the
+    export is refused (never less than one validation text's worth; negative: int8 must beat
+    fp32). Unset: the trainer default (0.5). Applies whatever the promotion policy.
+    """
     def __init__(
         self,
         *,
@@ -358,12 +364,15 @@ class PromotionGate(_message.Message):
         compare_alias: _builtins.str = ...,
         max_export_error: _builtins.float = ...,
         max_latency_factor: _builtins.float = ...,
+        max_int8_drop_points: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_int8_drop_points", b"_max_int8_drop_points", "max_int8_drop_points", b"max_int8_drop_points"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compare_alias", b"compare_alias", "max_export_error", b"max_export_error", "max_latency_factor", b"max_latency_factor", "metric", b"metric", "min_improvement", b"min_improvement", "min_value", b"min_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_int8_drop_points", b"_max_int8_drop_points", "compare_alias", b"compare_alias", "max_export_error", b"max_export_error", "max_int8_drop_points", b"max_int8_drop_points", "max_latency_factor", b"max_latency_factor", "metric", b"metric", "min_improvement", b"min_improvement", "min_value", b"min_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_int8_drop_points: _TypeAlias = _typing.Literal["max_int8_drop_points"]  # noqa: Y015
+    _WhichOneofArgType__max_int8_drop_points: _TypeAlias = _typing.Literal["_max_int8_drop_points", b"_max_int8_drop_points"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_int8_drop_points) -> _WhichOneofReturnType__max_int8_drop_points | None: ...
 
 Global___PromotionGate: _TypeAlias = PromotionGate  # noqa: Y015
 

@@ -105,6 +105,15 @@ def train(
         bool | None,
         _opt("Export the int8 CPU variant [default: yes].", "INT8", "--int8/--no-int8"),
     ] = None,
+    int8_max_drop: Annotated[
+        float | None,
+        _opt(
+            "Int8 accuracy points it may lose against fp32 before the export is refused "
+            "[default: 0.5; never under one validation text's worth].",
+            "INT8_MAX_DROP",
+            "--int8-max-drop",
+        ),
+    ] = None,
     fp16: Annotated[
         bool | None,
         _opt("Export the fp16 GPU variant [default: no].", "FP16", "--fp16/--no-fp16"),
@@ -188,6 +197,7 @@ def train(
         output=output,
         trials=trials,
         int8=int8,
+        int8_max_drop_points=int8_max_drop,
         fp16=fp16,
         register_version=register,
         mlflow_uri=mlflow_uri,

@@ -174,8 +174,9 @@ def _train_request(spec: JobSpec, data: Path, validation: Path | None, ctx: JobC
     }
     if spec.validation_fraction is not None:
         fields["validation_fraction"] = spec.validation_fraction
-    if spec.gate is not None:
-        fields["max_export_error"] = spec.gate.max_export_error  # the export parity limit
+    if spec.gate is not None:  # the export's limits, whatever the promotion policy
+        fields["max_export_error"] = spec.gate.max_export_error
+        fields["int8_max_drop_points"] = spec.gate.max_int8_drop_points
     return with_preset(TrainRequest.model_validate(fields))
 
 

@@ -401,7 +401,8 @@ def _refuse_int8_accuracy(parity: Parity, options: exportlib.ExportOptions) -> N
         raise exportlib.ExportRefused(
             f"int8 accuracy {parity.int8_accuracy:.4f} is {parity.int8_accuracy_drop_points:.2f} "
             f"points below fp32 {parity.fp32_accuracy:.4f} (limit {allowed:.2f} on "
-            f"{parity.texts} texts); export with --no-int8 to ship fp32 only",
+            f"{parity.texts} texts); export with --no-int8 to ship fp32 only, or raise the limit "
+            "(--int8-max-drop, or gate.max_int8_drop_points in a job spec)",
             **parity.model_dump(),
         )
 

@@ -93,16 +93,38 @@ def test_an_empty_proto_source_is_refused() -> None:
         job_spec(message)
 
 
-@pytest.mark.parametrize(("gate", "limit"), [({"max_export_error": 1e-5}, 1e-5), (None, 1e-3)])
-def test_the_gates_export_error_limit_reaches_the_exporter(
-    gate: dict[str, float] | None, limit: float, tmp_path: Any
+@pytest.mark.parametrize("points", [0.0, -1.0, 3.5])
+def test_the_int8_limit_survives_the_proto_even_when_zero(points: float) -> None:
+    spec = parse_spec({**BASE, "gate": {"max_int8_drop_points": points}})
+    again = job_spec(pb.JobSpec.FromString(spec_pb(spec).SerializeToString()))
+    assert again.gate is not None
+    assert again.gate.max_int8_drop_points == points
+
+
+def test_an_unset_int8_limit_in_the_proto_is_the_default() -> None:
+    message = spec_pb(parse_spec(BASE))
+    message.gate.ClearField("max_int8_drop_points")
+    again = job_spec(pb.JobSpec.FromString(message.SerializeToString()))
+    assert again.gate is not None
+    assert again.gate.max_int8_drop_points == 0.5
+
+
+@pytest.mark.parametrize(
+    ("gate", "limits"),
+    [
+        ({"max_export_error": 1e-5, "max_int8_drop_points": 2.0}, (1e-5, 2.0)),
+        (None, (1e-3, 0.5)),
+    ],
+)
+def test_the_gates_export_limits_reach_the_exporter(
+    gate: dict[str, float] | None, limits: tuple[float, float], tmp_path: Any
 ) -> None:
     from services.trainer.execute import JobContext, _train_request
 
     spec = parse_spec({**BASE, "gate": gate, "base_model": ""})
     ctx = JobContext(workdir=tmp_path, mlflow_uri="sqlite:///x.db", redis_url="redis://x")
     request = _train_request(spec, tmp_path / "train.jsonl", None, ctx)
-    assert request.max_export_error == limit
+    assert (request.max_export_error, request.int8_max_drop_points) == limits
 
 
 def test_relative_files_are_anchored_to_the_spec_folder(tmp_path: Any) -> None:
