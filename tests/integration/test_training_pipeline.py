@@ -19,7 +19,7 @@ from services.trainer.finetune import encode, predict, select_device
 from services.trainer.modeling import load_checkpoint
 from services.trainer.pipeline import JobResult, TrainRequest, run_job
 from tests.fixtures.mlflow_store import MlflowStore
-from tests.fixtures.packages import TINY_RECIPE
+from tests.fixtures.packages import TINY_INT8_MAX_DROP_POINTS, TINY_RECIPE
 from tests.fixtures.tiny_models import FAMILIES
 
 
@@ -34,6 +34,7 @@ def _train(
         output=out,
         mlflow_uri=store.tracking_uri,
         train=TINY_RECIPE,
+        int8_max_drop_points=TINY_INT8_MAX_DROP_POINTS,  # the refusal test below sets its own
     )
     fields.update(overrides)
     return run_job(TrainRequest.model_validate(fields))
