@@ -268,19 +268,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if cached is not None and cached[0] is handler:
             return cached[1]
         field = _behavior_field(handler)
-        wrapped = self._wrap(getattr(handler, field), method)
-        result = handler._replace(**{field: wrapped}) if wrapped is not None else handler
+        wrapped = self._wrap(getattr(handler, field), method, handler.request_streaming)
+        if wrapped is None:
+            result = handler
+        elif handler.request_deserializer is None:
+            result = handler._replace(**{field: wrapped})
+        else:
+            # Only a wrapped behavior knows to refuse what the tolerant deserializer returns.
+            tolerant = _tolerant(handler.request_deserializer, method)
+            result = handler._replace(**{field: wrapped, "request_deserializer": tolerant})
         self._wrapped[method] = (handler, result)
         return result
 
-    def _wrap(self, behavior: Behavior, method: str) -> Behavior | None:
+    def _wrap(self, behavior: Behavior, method: str, streaming: bool) -> Behavior | None:
         if inspect.isasyncgenfunction(behavior):
-            return self._wrap_stream(behavior, method)
+            return self._wrap_stream(behavior, method, streaming)
         if inspect.iscoroutinefunction(behavior):
-            return self._wrap_unary(behavior, method)
+            return self._wrap_unary(behavior, method, streaming)
         return None
 
-    def _wrap_unary(self, behavior: Behavior, method: str) -> Behavior:
+    def _wrap_unary(self, behavior: Behavior, method: str, streaming: bool) -> Behavior:
         # Inline rather than an async context manager: this runs on every call.
         observe = self._metrics.observer(self._service, method)
 
@@ -288,7 +295,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             failure: ErrorKind | None = None
             try:
-                return await behavior(request, context)
+                return await behavior(_decoded(request, streaming), context)
             except BaseException as err:
                 failure = _failure_kind(err, context)
                 await _end_call(err, method, context)
@@ -297,14 +304,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Behavior, method: str) -> Behavior:
+    def _wrap_stream(self, behavior: Behavior, method: str, streaming: bool) -> Behavior:
         observe = self._metrics.observer(self._service, method)
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             failure: ErrorKind | None = None
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(_decoded(request, streaming), context):
                     yield response
             except BaseException as err:
                 failure = _failure_kind(err, context)
@@ -313,6 +320,54 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 observe(time.perf_counter() - started, failure)
 
         return wrapped
+
+
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that do not parse: grpc.aio would answer
+    UNKNOWN naming the exception's class, the wrapped handler answers INVALID_ARGUMENT."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInput) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+    message = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    expected = message.full_name if message is not None else "its request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(
+                InvalidInput(
+                    f"the request to {method} does not parse as {expected}: a string field "
+                    "holds invalid UTF-8, or the client serialized another message type; check "
+                    "the client's protobuf encoding",
+                    method=method,
+                    bytes=len(data),
+                )
+            )
+
+    return deserialize
+
+
+def _decoded(request: Any, streaming: bool) -> Any:
+    """The request, or for a request stream an iterator over it, that raises InvalidInput at the
+    first message the deserializer could not parse."""
+    if streaming:
+        return _decoded_stream(request)
+    if type(request) is _Undecodable:
+        raise request.error
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Undecodable:
+            raise request.error
+        yield request
 
 
 def _failure_kind(err: BaseException, context: grpc.aio.ServicerContext) -> ErrorKind | None:

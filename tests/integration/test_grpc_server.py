@@ -57,14 +57,28 @@ class Echo:
         yield b"1"
         raise Overloaded(num_queued=8, max_queued=8)
 
+    async def parse(self, request: health_pb2.HealthCheckRequest, _context: Any) -> bytes:
+        return request.service.encode()
+
+    async def parse_each(
+        self, requests: AsyncIterator[health_pb2.HealthCheckRequest], _context: Any
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request.service.encode()
+
     def register(self, server: grpc.aio.Server) -> list[str]:
         unary = grpc.unary_unary_rpc_method_handler
+        parsed = health_pb2.HealthCheckRequest.FromString  # a protobuf request, bytes answers
         handlers = {
             "Echo": unary(self.echo),
             "Fail": unary(self.fail),
             "Crash": unary(self.crash),
             "Slow": unary(self.slow),
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
+            "Parse": unary(self.parse, request_deserializer=parsed),
+            "ParseEach": grpc.stream_stream_rpc_method_handler(
+                self.parse_each, request_deserializer=parsed
+            ),
         }
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
         return [SERVICE]
@@ -158,6 +172,41 @@ def test_errors_become_status_codes() -> None:
         assert sample("loopline_request_duration_seconds_count", "Fail") == 2
         assert sample("loopline_request_failures_total", "Fail", kind="not_found") == 2
         assert sample("loopline_request_failures_total", "Crash", kind="internal") == 1
+
+    run_server(body)
+
+
+NOT_UTF8 = b"\x0a\x02\xff\xfe"  # field 1 (service, a string) holding invalid UTF-8
+
+
+def test_requests_that_do_not_parse_are_invalid_argument_naming_the_message() -> None:
+    async def body(server: GrpcServer, channel: grpc.aio.Channel, _echo: Echo) -> None:
+        good = health_pb2.HealthCheckRequest(service="sentiment").SerializeToString()
+        assert await unary(channel, "Parse")(good) == b"sentiment"
+        for bad in (NOT_UTF8, b"\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary(channel, "Parse")(bad)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            details = caught.value.details() or ""
+            assert "grpc.health.v1.HealthCheckRequest" in details
+            assert "UTF-8" in details
+            trailing = dict(caught.value.trailing_metadata() or ())
+            assert trailing["loopline-error-kind"] == "invalid_input"
+        failures = server._metrics.registry.get_sample_value(
+            "loopline_request_failures_total",
+            {"service": "test", "method": f"/{SERVICE}/Parse", "kind": "invalid_input"},
+        )
+        assert failures == 2
+
+        # In a request stream, what came before the bad message is answered, then the call ends.
+        call = channel.stream_stream(f"/{SERVICE}/ParseEach")()
+        await call.write(good)
+        assert await call.read() == b"sentiment"
+        await call.write(NOT_UTF8)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert await unary(channel, "Parse")(good) == b"sentiment"
 
     run_server(body)
 
