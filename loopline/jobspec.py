@@ -18,13 +18,14 @@ that works with `loopline train --spec FILE --wait` is the same one a scheduler 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loopline import prototime
 from loopline.errors import InvalidInput
 from loopline.v1 import trainer_pb2 as pb
 
@@ -116,7 +117,7 @@ class GateSpec(_Strict):
     compare_alias: str = "champion"
     max_export_error: float = Field(1e-3, gt=0)
     max_latency_factor: float = Field(1.25, gt=0)
-    max_int8_drop_points: float = 0.5
+    max_int8_drop_points: float = Field(0.5, allow_inf_nan=False)
 
 
 class JobSpec(_Strict):
@@ -208,11 +209,11 @@ POLICY_FROM_PB = {
 POLICY_TO_PB = {value: key for key, value in POLICY_FROM_PB.items()}
 
 
-def _time(stamp: Timestamp, present: bool) -> str | None:
-    return stamp.ToDatetime(tzinfo=UTC).isoformat() if present else None
+def _time(stamp: Timestamp, present: bool, field: str) -> str | None:
+    return prototime.utc(stamp, field).isoformat() if present else None
 
 
-def _source(message: pb.DataSource) -> dict[str, Any]:
+def _source(message: pb.DataSource, where: str) -> dict[str, Any]:
     kind = message.WhichOneof("source")
     if kind == "file":
         return {"file": {"path": message.file.path, "format": message.file.format}}
@@ -220,8 +221,8 @@ def _source(message: pb.DataSource) -> dict[str, Any]:
         f = message.feedback
         return {
             "feedback": {
-                "since": _time(f.since, f.HasField("since")),
-                "until": _time(f.until, f.HasField("until")),
+                "since": _time(f.since, f.HasField("since"), f"{where}.feedback.since"),
+                "until": _time(f.until, f.HasField("until"), f"{where}.feedback.until"),
                 "model": f.model,
                 "sources": list(f.sources),
                 "max_examples": f.max_examples,
@@ -266,7 +267,7 @@ def spec_dict(message: pb.JobSpec) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": message.name,
         "alias": message.alias,
-        "data": [_source(s) for s in message.data],
+        "data": [_source(s, f"data.{i}") for i, s in enumerate(message.data)],
         "text_column": message.text_column or "text",
         "label_column": message.label_column or "label",
         "base_model": message.base_model,
@@ -280,7 +281,7 @@ def spec_dict(message: pb.JobSpec) -> dict[str, Any]:
     }
     which = message.WhichOneof("validation")
     if which == "validation_data":
-        data["validation"] = _source(message.validation_data)
+        data["validation"] = _source(message.validation_data, "validation_data")
     elif which == "validation_fraction":
         data["validation_fraction"] = message.validation_fraction
     if message.HasField("gate"):

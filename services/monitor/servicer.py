@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loopline import prototime
 from loopline.errors import InvalidInput
 from loopline.v1 import common_pb2 as common
 from loopline.v1 import monitor_pb2 as pb
@@ -49,11 +50,22 @@ def window_range(window: common.TimeWindow, now: float) -> tuple[float | None, f
     if window.HasField("last"):
         if window.HasField("start_time") or window.HasField("end_time"):
             raise InvalidInput("window: give `last` or start/end times, not both", field="window")
-        return now - window.last.ToNanoseconds() / 1e9, now
+        last = prototime.seconds(window.last, "window.last")
+        if last < 0:
+            raise InvalidInput(f"window.last is {last:g} s; it must not be negative", field="last")
+        return now - last, now
     if not (window.HasField("start_time") or window.HasField("end_time")):
         return now - DEFAULT_WINDOW_S, now
-    start = window.start_time.ToNanoseconds() / 1e9 if window.HasField("start_time") else None
-    end = window.end_time.ToNanoseconds() / 1e9 if window.HasField("end_time") else now
+    start = (
+        prototime.seconds(window.start_time, "window.start_time")
+        if window.HasField("start_time")
+        else None
+    )
+    end = (
+        prototime.seconds(window.end_time, "window.end_time")
+        if window.HasField("end_time")
+        else now
+    )
     return start, end
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from loopline import prototime
 from loopline.errors import InvalidInput
 from loopline.v1 import common_pb2 as common
 from loopline.v1 import router_pb2 as pb
@@ -75,8 +76,8 @@ def classify_response(answer: Classification) -> pb.ClassifyResponse:
 # ----- experiments -----
 
 
-def _seconds(stamp: Timestamp, present: bool) -> float | None:
-    return stamp.ToNanoseconds() / 1e9 if present else None
+def _seconds(stamp: Timestamp, present: bool, field: str) -> float | None:
+    return prototime.seconds(stamp, field) if present else None
 
 
 def _stamp(seconds: float | None) -> Timestamp | None:
@@ -116,8 +117,10 @@ def experiment_draft(message: common.Experiment) -> Experiment:
         sticky_by=sticky,
         salt=message.salt.strip(),
         pinned_users=dict(message.pinned_users),
-        start_time=_seconds(message.start_time, message.HasField("start_time")),
-        end_time=_seconds(message.end_time, message.HasField("end_time")),
+        start_time=_seconds(
+            message.start_time, message.HasField("start_time"), "experiment.start_time"
+        ),
+        end_time=_seconds(message.end_time, message.HasField("end_time"), "experiment.end_time"),
     )
 
 

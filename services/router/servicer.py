@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from loopline import prototime
 from loopline.errors import STATUS_BY_KIND, LooplineError
 from loopline.logging import get_logger
 from loopline.v1 import common_pb2 as common
@@ -135,7 +136,7 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackResponse:
-        observed = request.time.ToNanoseconds() / 1e9 if request.HasField("time") else None
+        observed = prototime.seconds(request.time, "time") if request.HasField("time") else None
         feedback_id = await self.feedback.append(
             request.request_id.strip(),
             request.label.strip(),
@@ -179,7 +180,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             request.id.strip(),
             weights=dict(request.weights) or None,
             status=convert.status_of(request.status),
-            end_time=request.end_time.ToNanoseconds() / 1e9
+            end_time=prototime.seconds(request.end_time, "end_time")
             if request.HasField("end_time")
             else None,
             description=request.description or None,

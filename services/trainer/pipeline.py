@@ -75,7 +75,9 @@ class TrainRequest(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     min_rows_per_class: int = Field(8, ge=1)
     int8_max_drop_points: float = Field(
-        0.5, description="largest int8 accuracy loss vs fp32, in points, before export is refused"
+        0.5,
+        allow_inf_nan=False,
+        description="largest int8 accuracy loss vs fp32, in points, before export is refused",
     )
     base_model_label: str | None = Field(
         None,

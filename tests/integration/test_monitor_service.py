@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from typer.testing import CliRunner
 
@@ -165,6 +166,24 @@ def test_stats_count_every_record_once_with_live_accuracy(stack: Stack) -> None:
     )
     control = stack.stub.GetStats(one, timeout=5)
     assert (control.requests, control.errors, control.accuracy.correct) == (200, 0, 160)
+
+
+@pytest.mark.parametrize(
+    ("window", "field"),
+    [
+        (common.TimeWindow(end_time=Timestamp(seconds=2**40)), "window.end_time"),
+        (common.TimeWindow(last=Duration(seconds=1, nanos=-1)), "window.last"),
+        (common.TimeWindow(last=Duration(seconds=-60)), "window.last"),
+    ],
+)
+def test_a_window_out_of_range_is_invalid_argument_naming_it(
+    stack: Stack, window: common.TimeWindow, field: str
+) -> None:
+    request = pb.GetStatsRequest(model=common.ModelRef(name="tiny"), window=window)
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.stub.GetStats(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
 
 
 def test_the_experiment_report_keeps_the_baseline(stack: Stack) -> None:

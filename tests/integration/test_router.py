@@ -302,6 +302,11 @@ def test_feedback_is_checked_and_appended_to_the_stream(stack: Stack) -> None:
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "negative, positive" in message
+    past_9999 = pb.FeedbackRequest(request_id=answer.request_id, label="positive")
+    past_9999.time.seconds = 2**40
+    code, message = code_of(lambda: stack.stub.Feedback(past_9999, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("time: ")
 
 
 # ----- experiments -----

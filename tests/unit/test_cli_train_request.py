@@ -31,3 +31,11 @@ def test_the_int8_limit_flag_reaches_the_request(captured: list[Any], tmp_path: 
     CliRunner().invoke(app, args, env={"LOOPLINE_TRAIN_INT8_MAX_DROP": "-1"})
     CliRunner().invoke(app, args)
     assert [r.int8_max_drop_points for r in captured] == [2.5, -1.0, 0.5]
+
+
+def test_a_limit_that_is_not_a_number_is_refused(captured: list[Any], tmp_path: Path) -> None:
+    args = ["train", "--data", str(tmp_path / "t.jsonl"), "--no-register"]
+    result = CliRunner().invoke(app, [*args, "--int8-max-drop", "nan"])
+    assert result.exit_code == 2
+    assert "int8_max_drop_points" in result.output
+    assert captured == []

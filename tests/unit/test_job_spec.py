@@ -42,6 +42,7 @@ def test_shorthands_and_defaults() -> None:
         ({"data": [{"file": "a", "feedback": {}}]}, "data.0"),
         ({"epochs": -1}, "epochs"),
         ({"gate": {"metric": "auc"}}, "gate.metric"),
+        ({"gate": {"max_int8_drop_points": float("nan")}}, "gate.max_int8_drop_points"),
         ({"hyperparmeters": {}}, "hyperparmeters"),  # misspelt: refused, not ignored
         ({"validation_fraction": 0.2}, "spec"),  # both validation forms
         ({"alias": ""}, "spec"),  # gate without an alias to move
@@ -166,3 +167,11 @@ def test_a_submitted_spec_carries_paths_relative_to_its_file(tmp_path: Any) -> N
     spec.write_text("name: m\ndata:\n  - file: ../data/train.jsonl\n")
     message = _spec_message(spec)
     assert message.data[0].file.path == str(Path(tmp_path) / "data" / "train.jsonl")
+
+
+def test_a_feedback_window_past_the_year_9999_is_refused_naming_it() -> None:
+    message = pb.JobSpec(name="m", data=[pb.DataSource(feedback=pb.FeedbackSource())])
+    message.data[0].feedback.since.seconds = 2**40
+    with pytest.raises(InvalidInput) as caught:
+        job_spec(message)
+    assert caught.value.message.startswith("data.0.feedback.since: ")
