@@ -53,7 +53,7 @@ class ModelSource:
     def parse(cls, text: str) -> ModelSource:
         """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, or a package folder."""
         match = _REGISTRY_URI.match(text.strip())
-        if match:
+        if match and match["name"] not in (".", ".."):  # the name is a folder in the cache
             return cls(text, match["name"], match["alias"], match["version"])
         if text.startswith("models:/"):
             raise InvalidInput(

@@ -225,8 +225,10 @@ class AlertBook:
         self, start: float | None = None, end: float | None = None, count: int = 1000
     ) -> list[Alert]:
         """Alerts in [start, end), newest first."""
-        low = f"{int(start * 1000)}-0" if start else "-"
-        high = f"({int(end * 1000)}-0" if end else "+"
+        if end is not None and end <= 0:
+            return []  # stream ids start at the epoch: nothing came before it
+        low = f"{int(start * 1000)}-0" if start is not None and start > 0 else "-"
+        high = f"({int(end * 1000)}-0" if end is not None else "+"
         entries: Any = await self._client.xrevrange(self._stream, high, low, count=count)
         return [_parse(e) for e in entries or ()]
 

@@ -91,6 +91,15 @@ class References:
         return folder
 
     async def load(self, model: str, version: str) -> Reference:
+        # Both name a folder under the cache: refuse what MLflow refuses (a '/' or ':' in a
+        # name) and anything but a version number before they touch the file system.
+        if model in ("", ".", "..") or "/" in model or ":" in model or not version.isdigit():
+            raise InvalidInput(
+                f"no registered model version is called {model!r} version {version!r}: names "
+                "hold no '/' or ':', versions are numbers",
+                model=model,
+                version=version,
+            )
         try:
             folder = await asyncio.to_thread(self._fetch, model, version)
             return await asyncio.to_thread(Reference.load, folder)
@@ -100,8 +109,12 @@ class References:
                 "`loopline train`?"
             ) from None
         except Exception as err:  # MLflow raises its own types
-            if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            code = getattr(err, "error_code", "")
+            if code == "RESOURCE_DOES_NOT_EXIST":
                 raise NotFound("model version", f"{model}/{version}", str(err)[:200]) from None
+            if code == "INVALID_PARAMETER_VALUE":
+                refused = f"MLflow refused {model}/{version}: {err}"
+                raise InvalidInput(refused, model=model) from None
             # An unreachable registry is not a missing version: UNAVAILABLE, worth a retry.
             raise NotReady(
                 f"cannot read the reference of {model}/{version} from MLflow ({err!r:.200})",

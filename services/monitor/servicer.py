@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,9 @@ RECOMMENDATIONS = {
     st.Recommendation.NO_DIFFERENCE: pb.RECOMMENDATION_NO_DIFFERENCE,
 }
 DEFAULT_WINDOW_S = 3600
+DEFAULT_ALERTS = 100  # ListAlerts page size when the request leaves it 0
+MAX_ALERTS = 1000  # PageRequest's documented cap
+ALERT_ID = re.compile(r"\d+(-\d+)?")  # a Redis stream id: milliseconds[-sequence]
 
 
 def window_range(window: common.TimeWindow, now: float) -> tuple[float | None, float]:
@@ -283,7 +287,10 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         start = end = None
         if request.HasField("window"):
             start, end = window_range(request.window, time.time())
-        alerts = await self.book.history(start, end, count=request.page.page_size or 100)
+        size = request.page.page_size
+        if size < 0:
+            raise InvalidInput(f"page.page_size is {size}; it must not be negative", field="page")
+        alerts = await self.book.history(start, end, count=min(size or DEFAULT_ALERTS, MAX_ALERTS))
         return pb.ListAlertsResponse(
             alerts=[alert_pb(a) for a in alerts if _matches(a, request.filter)]
         )
@@ -291,7 +298,14 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     async def WatchAlerts(
         self, request: pb.WatchAlertsRequest, context: Any
     ) -> AsyncIterator[pb.Alert]:
-        async for alert in self.book.follow(request.after_id or "$"):
+        after = request.after_id or "$"
+        if after != "$" and not ALERT_ID.fullmatch(after):
+            raise InvalidInput(
+                f"after_id {after!r} is not an alert id (like 1732790000000-0) or '$' (new "
+                "alerts only)",
+                field="after_id",
+            )
+        async for alert in self.book.follow(after):
             if _matches(alert, request.filter):
                 yield alert_pb(alert)
 

@@ -156,3 +156,14 @@ def test_an_unreachable_registry_is_not_ready_not_a_missing_version(
     down = References("http://127.0.0.1:1", tmp_path / "b")
     with pytest.raises(NotReady, match="cannot read the reference"):
         asyncio.run(down.load("sentiment", "1"))
+
+
+@pytest.mark.parametrize(("model", "version"), [("../escape", "1"), ("a/b", "1"), ("m", "../1")])
+def test_a_name_that_is_a_path_is_refused_before_it_touches_the_disk(
+    mlflow_store: MlflowStore, tmp_path: Path, model: str, version: str
+) -> None:
+    home = tmp_path / "monitor"
+    references = References(mlflow_store.tracking_uri, home / "cache" / "refs")
+    with pytest.raises(InvalidInput):
+        asyncio.run(references.load(model, version))
+    assert not home.exists()  # not even the cache: nothing was created, inside it or out

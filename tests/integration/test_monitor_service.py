@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +238,24 @@ def test_alerts_fire_and_the_cli_prints_them(stack: Stack) -> None:
     result = CliRunner().invoke(app, ["monitor", "stats", "tiny", "--monitor", stack.address])
     assert result.exit_code == 0, result.output
     assert "400" in result.output
+
+
+def test_alert_listing_and_watching_refuse_what_redis_would_choke_on(stack: Stack) -> None:
+    def refused(call: Callable[[], object]) -> str:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        return caught.value.details() or ""  # type: ignore[attr-defined]
+
+    negative = pb.ListAlertsRequest(page=common.PageRequest(page_size=-1))
+    assert "page_size" in refused(lambda: stack.stub.ListAlerts(negative, timeout=5))
+    before_1970 = pb.ListAlertsRequest(window=common.TimeWindow(end_time=Timestamp(seconds=-100)))
+    assert list(stack.stub.ListAlerts(before_1970, timeout=5).alerts) == []
+    huge = pb.ListAlertsRequest(page=common.PageRequest(page_size=2**31 - 1))
+    stack.stub.ListAlerts(huge, timeout=5)
+    not_an_id = pb.WatchAlertsRequest(after_id="yesterday")
+    message = refused(lambda: list(stack.stub.WatchAlerts(not_an_id, timeout=5)))
+    assert "after_id 'yesterday'" in message
 
 
 def test_a_dry_run_trigger_explains_itself(stack: Stack) -> None:
