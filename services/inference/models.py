@@ -60,8 +60,12 @@ class ModelSource:
                 f"model source '{text}' is not models:/NAME@ALIAS or models:/NAME/VERSION",
                 source=text,
             )
-        path = Path(text).expanduser()
-        if not path.is_dir():
+        try:
+            path = Path(text).expanduser()
+            folder = path.is_dir()
+        except (OSError, RuntimeError):  # a name too long for the file system, ~unknown-user
+            folder = False
+        if not folder:
             raise InvalidInput(
                 f"model source '{text}' is neither a registry URI nor a package folder", source=text
             )

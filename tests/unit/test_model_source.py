@@ -17,7 +17,16 @@ def test_registry_uris_and_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["models:/../3", "models:/.@champion", "models:/a/b/3", "models:/x/latest", "nowhere"]
+    "text",
+    [
+        "models:/../3",
+        "models:/.@champion",
+        "models:/a/b/3",
+        "models:/x/latest",
+        "nowhere",
+        "x" * 500,  # longer than a file name may be
+        "~no-such-user-here/package",
+    ],
 )
 def test_what_is_neither_is_refused_naming_it(text: str) -> None:
     with pytest.raises(InvalidInput) as caught:
