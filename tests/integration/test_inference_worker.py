@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,6 +321,74 @@ def test_worker_process_never_imports_torch_or_transformers(tiny_package: Path) 
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _malformed(rng: random.Random) -> pb.ModelInferRequest:
+    """A ModelInfer request with a random mix of wrong names, types, shapes, contents and
+    parameters (some of them valid)."""
+    texts = [
+        rng.choice([b"good film", b"", b"\xff\xfe", b" ", "\u00e9".encode() * 5, b"x" * 2001])
+        for _ in range(rng.randrange(0, 4))
+    ]
+    request = pb.ModelInferRequest(model_name=rng.choice(["tiny", "tiny", "", "nope"]))
+    text = request.inputs.add(
+        name=rng.choice(["text", "text", "TEXT", ""]),
+        datatype=rng.choice(["BYTES", "BYTES", "FP32", ""]),
+    )
+    text.shape.extend(rng.choice([[len(texts)], [], [-1], [1, len(texts)], [len(texts) + 1]]))
+    contents = rng.randrange(4)
+    if contents == 0:
+        request.raw_input_contents.append(encode_bytes_tensor(texts))
+    elif contents == 1:
+        text.contents.bytes_contents.extend(texts)
+    elif contents == 2:
+        request.raw_input_contents.append(bytes(rng.randrange(256) for _ in range(20)))
+    else:
+        request.raw_input_contents.append(b"\xff\xff\xff\x7fabc")  # a length past the end
+    if rng.random() < 0.2:
+        request.inputs.add(name="other", datatype="BYTES", shape=[1])
+    if rng.random() < 0.3:
+        request.outputs.add(name=rng.choice(["label", "probabilities", "nope", ""]))
+    if rng.random() < 0.3:
+        request.model_version = rng.choice(["1", "999", "abc", "-1"])
+    if rng.random() < 0.3:
+        key = rng.choice(["request_id", "request_ids", "user_buckets", "experiment", "shadow"])
+        value = request.parameters[key]
+        kind = rng.randrange(3)
+        if kind == 0:
+            value.string_param = rng.choice(["", "[1,2]", '["a"]', "not json", "x" * 5000])
+        elif kind == 1:
+            value.int64_param = rng.choice([0, -5, 2**62])
+        else:
+            value.bool_param = True
+    return request
+
+
+def test_malformed_requests_are_refused_with_the_callers_codes_never_internal(
+    worker: dict[str, object],
+) -> None:
+    """Seeded random requests, most of them wrong: every answer is OK, INVALID_ARGUMENT or
+    NOT_FOUND (never INTERNAL or UNKNOWN), and the worker serves normally afterwards."""
+    stub = _stub(str(worker["address"]))
+    rng = random.Random(20261129)
+    codes: Counter[str] = Counter()
+    for _ in range(300):
+        try:
+            stub.ModelInfer(_malformed(rng), timeout=10)
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1  # type: ignore[attr-defined]
+    assert set(codes) <= {"OK", "INVALID_ARGUMENT", "NOT_FOUND"}, codes
+    assert codes["INVALID_ARGUMENT"] > 100  # the generator does produce wrong requests
+    garbage = grpc.insecure_channel(str(worker["address"])).unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer"
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        garbage(b"\x0a\x02\xff\xfe", timeout=10)  # model_name holding invalid UTF-8
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inference.ModelInferRequest" in caught.value.details()
+    answer = stub.ModelInfer(_request(["a fine film"]), timeout=10)
+    assert answer.model_name == "tiny"
 
 
 def test_sigterm_drains_and_exits_cleanly(worker: dict[str, object]) -> None:
