@@ -56,7 +56,9 @@ def window_range(window: common.TimeWindow, now: float) -> tuple[float | None, f
             raise InvalidInput("window: give `last` or start/end times, not both", field="window")
         last = prototime.seconds(window.last, "window.last")
         if last < 0:
-            raise InvalidInput(f"window.last is {last:g} s; it must not be negative", field="last")
+            raise InvalidInput(
+                f"window.last is {last:g} s; it must not be negative", field="window.last"
+            )
         return now - last, now
     if not (window.HasField("start_time") or window.HasField("end_time")):
         return now - DEFAULT_WINDOW_S, now
