@@ -354,6 +354,16 @@ def test_experiment_rules_give_clear_codes(stack: Stack) -> None:
     code, message = code_of(lambda: _create(stack, missing))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "tiny/99" in message
+    past_9999 = _experiment("past-9999", (50, 50))
+    past_9999.start_time.seconds = 2**40
+    code, message = code_of(lambda: _create(stack, past_9999))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("experiment.start_time: ")
+    update = pb.UpdateExperimentRequest(id="any")
+    update.end_time.seconds = 2**40
+    code, message = code_of(lambda: stack.stub.UpdateExperiment(update, metadata=ADMIN, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("end_time: ")
 
 
 def test_a_running_experiment_splits_users_stickily_and_follows_weight_changes(
