@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loopline import prototime
+from loopline import paging, prototime
 from loopline.errors import InvalidInput
 from loopline.v1 import common_pb2 as common
 from loopline.v1 import monitor_pb2 as pb
@@ -42,8 +42,6 @@ RECOMMENDATIONS = {
     st.Recommendation.NO_DIFFERENCE: pb.RECOMMENDATION_NO_DIFFERENCE,
 }
 DEFAULT_WINDOW_S = 3600
-DEFAULT_ALERTS = 100  # ListAlerts page size when the request leaves it 0
-MAX_ALERTS = 1000  # PageRequest's documented cap
 ALERT_ID = re.compile(r"\d+(-\d+)?")  # a Redis stream id: milliseconds[-sequence]
 
 
@@ -289,10 +287,8 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         start = end = None
         if request.HasField("window"):
             start, end = window_range(request.window, time.time())
-        size = request.page.page_size
-        if size < 0:
-            raise InvalidInput(f"page.page_size is {size}; it must not be negative", field="page")
-        alerts = await self.book.history(start, end, count=min(size or DEFAULT_ALERTS, MAX_ALERTS))
+        count = paging.page_size(request.page.page_size)
+        alerts = await self.book.history(start, end, count=count)
         return pb.ListAlertsResponse(
             alerts=[alert_pb(a) for a in alerts if _matches(a, request.filter)]
         )

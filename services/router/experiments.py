@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from loopline import paging
 from loopline.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -48,8 +49,6 @@ from services.router.assignment import Allocation
 from services.router.domain import CHAMPION, ModelRef
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE",
-    "MAX_PAGE_SIZE",
     "EnsureServed",
     "Experiment",
     "ExperimentCache",
@@ -74,8 +73,6 @@ log = get_logger(__name__)
 
 WEIGHT_TOTAL = 100.0
 WEIGHT_TOLERANCE = 1e-6
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _JSON_VERSION = 1
 
 
@@ -517,9 +514,7 @@ def _order_key(exp: Experiment) -> tuple[float, str]:
 def paginate(experiments: Iterable[Experiment], page_size: int, page_token: str) -> Page:
     """Newest first; the token is the sort key of the last item given, so pages stay stable
     while experiments are created (new ones sort before the token)."""
-    if page_size < 0:
-        raise InvalidInput(f"page_size {page_size} must be >= 0", field="page_size")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    size = paging.page_size(page_size)
     ordered = sorted(experiments, key=_order_key, reverse=True)
     if page_token:
         after = _decode_token(page_token)

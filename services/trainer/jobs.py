@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loopline import paging
 from loopline.errors import FailedPrecondition, InvalidInput, NotFound
 from loopline.logging import get_logger
 
@@ -208,9 +209,6 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 """
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-
 Listener = Callable[[JobEvent], None]
 
 
@@ -278,8 +276,9 @@ class JobStore:
         page_token: str = "",
     ) -> tuple[builtins.list[Job], str]:
         """Jobs newest first, optionally only those in `state` or for model `name`; returns the
-        page and the token of the next one ("" on the last page). `page_size` 0: the default."""
-        size = min(page_size, MAX_PAGE_SIZE) if page_size > 0 else DEFAULT_PAGE_SIZE
+        page and the token of the next one ("" on the last page); `page_size` as
+        `loopline.paging.page_size` reads it."""
+        size = paging.page_size(page_size)
         where = ["n < ?"]
         args: builtins.list[Any] = [_decode_token(page_token)]
         if state is not None:

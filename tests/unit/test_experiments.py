@@ -14,6 +14,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from loopline.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotReady
+from loopline.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from services.router.assignment import (
     NO_BUCKET,
     assign,
@@ -23,8 +24,6 @@ from services.router.assignment import (
 )
 from services.router.domain import ModelRef
 from services.router.experiments import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     Experiment,
     ExperimentCache,
     ExperimentStore,

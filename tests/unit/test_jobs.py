@@ -78,6 +78,8 @@ def test_list_pages_newest_first_and_filters(store: JobStore) -> None:
     assert seen == ids[::-1]
     named, _ = store.list(name="sentiment")
     assert [j.id for j in named] == [ids[5], ids[3], ids[1]]
+    with pytest.raises(InvalidInput, match="page_size"):  # as ListExperiments and ListAlerts
+        store.list(page_size=-1)
     cancelled, token = store.list(state=JobState.CANCELLED)
     assert [j.id for j in cancelled] == [ids[0]]
     assert token == ""
