@@ -367,7 +367,7 @@ class Consumer:
             self._waiting = None
 
     def _parse(self, inference: Rows, feedback: Rows) -> _Batch:
-        records = [r for r in map(self._prediction, inference) if r is not None]
+        records = [r for r in map(self._inference_record, inference) if r is not None]
         return _Batch(
             predictions=[r for r in records if isinstance(r, Prediction)],
             labels=[lab for lab in map(self._label, feedback) if lab is not None],
@@ -390,7 +390,7 @@ class Consumer:
         self._count(result, sum(len(ids) for _, ids in batch.acks))
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def _prediction(self, row: tuple[str, dict[str, str]]) -> Prediction | Failure | None:
+    def _inference_record(self, row: tuple[str, dict[str, str]]) -> Prediction | Failure | None:
         entry_id, fields = row
         if not fields:  # trimmed from the stream while pending: nothing left to fold
             return None

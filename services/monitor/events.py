@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "SKETCH_DIM",
@@ -109,14 +110,8 @@ def parse_prediction(entry_id: str, raw: RawFields) -> Prediction:
     problems: list[str] = []
     confidence = _confidence(f.get("probabilities"), problems)
     return Prediction(
-        request_id=_required(f, "request_id", "inference"),
-        time=_time(f.get("time"), entry_id, problems),
-        model=_required(f, "model", "inference"),
-        version=_required(f, "version", "inference"),
+        **_tags(f, entry_id, "inference", problems),
         label=_required(f, "label", "inference"),
-        experiment=f.get("experiment", ""),
-        variant=f.get("variant", ""),
-        shadow=f.get("shadow", "0") in _TRUE,
         confidence=confidence,
         latency_ms=_latency(f.get("queue_ms"), f.get("compute_ms"), problems),
         token_count=_count(f.get("token_count"), "token_count", problems),
@@ -136,16 +131,21 @@ def is_failure(fields: Mapping[str, str]) -> bool:
 def parse_failure(entry_id: str, raw: RawFields) -> Failure:
     """A `Failure` from the fields of a failed text's record; raises `MalformedRecordError`."""
     f = _decoded(raw)
-    return Failure(
-        request_id=_required(f, "request_id", "failure"),
-        time=_time(f.get("time"), entry_id, []),
-        model=_required(f, "model", "failure"),
-        version=_required(f, "version", "failure"),
-        error=_required(f, "error", "failure"),
-        experiment=f.get("experiment", ""),
-        variant=f.get("variant", ""),
-        shadow=f.get("shadow", "0") in _TRUE,
-    )
+    return Failure(**_tags(f, entry_id, "failure", []), error=_required(f, "error", "failure"))
+
+
+def _tags(f: Mapping[str, str], entry_id: str, kind: str, problems: list[str]) -> dict[str, Any]:
+    """The fields an answer's and a failure's record share (`TextTags` in the worker's
+    records.py) that the monitor reads."""
+    return {
+        "request_id": _required(f, "request_id", kind),
+        "time": _time(f.get("time"), entry_id, problems),
+        "model": _required(f, "model", kind),
+        "version": _required(f, "version", kind),
+        "experiment": f.get("experiment", ""),
+        "variant": f.get("variant", ""),
+        "shadow": f.get("shadow", "0") in _TRUE,
+    }
 
 
 def parse_label(entry_id: str, raw: RawFields) -> Label:

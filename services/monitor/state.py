@@ -377,7 +377,7 @@ class State:
         return FoldResult(*(int(x) for x in reply))
 
     def _payload(
-        self, preds: Sequence[Prediction], labs: Sequence[Label], fails: Sequence[Failure] = ()
+        self, preds: Sequence[Prediction], labs: Sequence[Label], fails: Sequence[Failure]
     ) -> str:
         """The batch as one JSON argument: one string for redis-py to pack instead of ~20 per
         record, and decoded in C by the script (cjson)."""
