@@ -211,7 +211,12 @@ class Worker:
 
         token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else None
         servicer = InferenceServicer(
-            self.plane, VERSION, self.settings.max_batch_size, lambda: self.ready, admin_token=token
+            self.plane,
+            VERSION,
+            self.settings.max_batch_size,
+            lambda: self.ready,
+            admin_token=token,
+            stream_window=self.settings.stream_window,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         return [service_name()]

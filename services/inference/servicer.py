@@ -5,6 +5,7 @@ Errors are raised as LooplineError and turned into status codes by the shared in
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
@@ -13,11 +14,14 @@ from typing import Any
 import grpc
 
 from loopline.errors import LooplineError, NotFound, Unauthenticated
+from loopline.logging import get_logger
 from loopline.oip import grpc_service_pb2 as pb
 from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 from services.inference import convert
 from services.inference.handlers import DataPlane, deadline_from
 from services.inference.models import ModelSource, ModelState
+
+log = get_logger(__name__)
 
 SERVER_NAME = "loopline-inference"
 EXTENSIONS = ["model_repository", "parameters", "statistics"]
@@ -33,7 +37,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_batch_size: int,
         is_ready: Callable[[], bool],
         admin_token: str | None = None,
+        stream_window: int = 256,
     ) -> None:
+        if stream_window < 1:
+            raise ValueError(f"stream_window must be >= 1, got {stream_window}")
+        self.stream_window = stream_window
         self.plane = plane
         self.repository = plane.repository
         self.version = version
@@ -91,16 +99,71 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # One bad request is reported in-stream and does not end the stream.
-        async for request in requests:
+        """Triton's streaming extension: the requests of one stream run concurrently, at most
+        `stream_window` at a time, so the batcher batches them as it batches separate calls.
+
+        Answers go out in completion order, each carrying its request's `id` (and `model_name`
+        and `model_version`), as Triton's do. A bad request gets an `error_message` answer with
+        its id and the stream goes on. When the client half-closes, every request already read is
+        answered before the stream ends; when it cancels, what is still queued is dropped.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]
+        answers = asyncio.Queue()
+        reader = asyncio.get_running_loop().create_task(self._read_stream(requests, answers))
+        try:
+            while (answer := await answers.get()) is not None:
+                if isinstance(answer, BaseException):
+                    raise answer  # the request stream itself failed (an undecodable message)
+                yield answer
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[pb.ModelInferRequest],
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None],
+    ) -> None:
+        window = asyncio.Semaphore(self.stream_window)
+        running: set[asyncio.Task[None]] = set()
+        end: BaseException | None = None
+        try:
             try:
-                outputs = convert.requested_outputs(request)
-                answer = await self.plane.infer(convert.infer_request(request, None))
-                yield pb.ModelStreamInferResponse(
-                    infer_response=convert.infer_response(request, answer, outputs)
-                )
-            except LooplineError as err:
-                yield pb.ModelStreamInferResponse(error_message=err.message)
+                async for request in requests:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(
+                        self._stream_answer(request, answers)
+                    )
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    task.add_done_callback(lambda _: window.release())
+            except Exception as err:  # the response stream raises it once the rest is answered
+                end = err
+            # Half-closed, or a message that did not decode: what was read is still answered.
+            if running:
+                await asyncio.gather(*list(running))
+            await answers.put(end)
+        finally:
+            for task in list(running):  # cancelled (the client went away): drop what is queued
+                task.cancel()
+
+    async def _stream_answer(
+        self,
+        request: pb.ModelInferRequest,
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None],
+    ) -> None:
+        try:
+            outputs = convert.requested_outputs(request)
+            answer = await self.plane.infer(convert.infer_request(request, None))
+            message = pb.ModelStreamInferResponse(
+                infer_response=convert.infer_response(request, answer, outputs)
+            )
+        except LooplineError as err:
+            message = _stream_error(request, err.message)
+        except Exception:
+            log.exception("stream request failed", extra={"request_id": request.id})
+            message = _stream_error(request, "internal error; the worker log has details")
+        await answers.put(message)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
@@ -190,3 +253,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 def service_name() -> str:
     return str(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """An in-stream error that names the request it answers."""
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

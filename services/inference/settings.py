@@ -61,6 +61,13 @@ class InferenceSettings(ServiceSettings):
     max_queue_size: int = Field(default=2048, ge=1, description="Queued texts per model version.")
     concurrency: int = Field(default=1, ge=1, le=64, description="Batches run at once per model.")
     max_text_chars: int = Field(default=20_000, ge=1, description="Longer texts are refused.")
+    stream_window: int = Field(
+        default=256,
+        ge=1,
+        le=65_536,
+        description="Requests of one ModelStreamInfer stream in flight at once; the stream reads "
+        "no further until answers go out (back-pressure).",
+    )
     inline_tokenize_chars: int = Field(
         default=1024,
         ge=0,

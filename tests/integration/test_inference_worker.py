@@ -391,6 +391,108 @@ def test_malformed_requests_are_refused_with_the_callers_codes_never_internal(
     assert answer.model_name == "tiny"
 
 
+def _records_by_id(server: RedisServer, prefix: str) -> dict[str, dict[bytes, bytes]]:
+    client = redis.Redis.from_url(server.url)
+    return {
+        fields[b"request_id"].decode(): fields
+        for _, fields in client.xrange("loopline:inference")
+        if fields[b"request_id"].startswith(prefix.encode())
+    }
+
+
+def _probabilities(response: pb.ModelInferResponse) -> np.ndarray:
+    index = [o.name for o in response.outputs].index("probabilities")
+    return np.frombuffer(response.raw_output_contents[index], dtype="<f4")
+
+
+def test_a_stream_runs_its_requests_together_and_answers_each_by_id(
+    worker: dict[str, object], tiny_package: Path
+) -> None:
+    """ModelStreamInfer: the requests of one stream are batched together like separate calls,
+    each answer carries its request's id, and a bad request is answered in-stream."""
+    texts = [f"film {i} was {'great' if i % 2 else 'awful'} " * (1 + i % 5) for i in range(64)]
+    requests = [_request([text], id=f"stream-{i}") for i, text in enumerate(texts)]
+    requests.insert(10, _request([""], id="stream-bad"))
+    answers = list(_stub(str(worker["address"])).ModelStreamInfer(iter(requests), timeout=30))
+
+    assert len(answers) == len(requests)
+    errors = {a.infer_response.id: a.error_message for a in answers if a.error_message}
+    assert list(errors) == ["stream-bad"]
+    assert "element 0 is empty" in errors["stream-bad"]
+    answered = {a.infer_response.id: a.infer_response for a in answers if not a.error_message}
+    assert set(answered) == {f"stream-{i}" for i in range(len(texts))}
+    expected, _ = PackageRunner(tiny_package, "int8").predict(texts)
+    for i in range(len(texts)):
+        np.testing.assert_allclose(_probabilities(answered[f"stream-{i}"]), expected[i], atol=1e-4)
+
+    server = worker["redis"]
+    assert isinstance(server, RedisServer)
+    until(lambda: len(_records_by_id(server, "stream-")) == len(texts), "a record per text")
+    sizes = [int(f[b"batch_size"]) for f in _records_by_id(server, "stream-").values()]
+    # Read one at a time, every batch would hold one text.
+    assert max(sizes) > 1, sizes
+
+
+def test_a_stream_answers_what_it_read_before_a_message_that_does_not_parse(
+    worker: dict[str, object],
+) -> None:
+    stream = grpc.insecure_channel(str(worker["address"])).stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    good = [_request([text], id=f"before-{i}").SerializeToString() for i, text in enumerate(TEXTS)]
+    answers: list[pb.ModelStreamInferResponse] = []
+    responses = stream(iter([*good, b"\x0a\x02\xff\xfe"]), timeout=30)
+
+    def read_all() -> None:
+        answers.extend(responses)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        read_all()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inference.ModelInferRequest" in caught.value.details()
+    assert sorted(a.infer_response.id for a in answers) == ["before-0", "before-1", "before-2"]
+    assert not any(a.error_message for a in answers)
+
+
+TRITON_STREAM_CLIENT = """
+import json, queue, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+client = triton.InferenceServerClient(sys.argv[1])
+texts = json.loads(sys.argv[2])
+results = queue.Queue()
+client.start_stream(callback=lambda result, error: results.put((result, error)))
+for i, t in enumerate(texts):
+    text = triton.InferInput("text", [1], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode()], dtype=np.object_))
+    client.async_stream_infer("tiny", [text], request_id=f"triton-{i}")
+answers = {}
+for _ in texts:
+    result, error = results.get(timeout=30)
+    assert error is None, error
+    response = result.get_response()
+    answers[response.id] = result.as_numpy("label")[0].decode()
+client.stop_stream()
+print(json.dumps(answers))
+"""
+
+
+def test_tritonclient_streaming_works_unchanged(
+    worker: dict[str, object], tiny_package: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_STREAM_CLIENT, str(worker["address"]), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    labels = PackageRunner(tiny_package, "int8").labels(TEXTS)
+    assert json.loads(done.stdout) == {f"triton-{i}": label for i, label in enumerate(labels)}
+
+
 def test_sigterm_drains_and_exits_cleanly(worker: dict[str, object]) -> None:
     process = worker["process"]
     assert isinstance(process, subprocess.Popen)
