@@ -10,7 +10,8 @@ Measured in one run, on one machine, so the ratios hold even when the machine is
 1. in-process: the same ORT session options the worker uses, length-sorted batches of several
    sizes; the best sentences/s is the ceiling, batch 1 gives the latency floor;
 2. a worker process (`python -m services.inference`) driven by a grpc.aio load generator, one text
-   per request, at several concurrencies: sentences/s and p50/p95/p99 latency;
+   per request, at several concurrencies: sentences/s and p50/p95/p99 latency; then the same
+   load as a few ModelStreamInfer streams (one text per message), for clients that hold a stream;
 3. the worker's data plane (validation, tokenizing, batching, engine) built in this process and
    called without gRPC at the highest concurrency: between it and the ceiling is what batching
    costs (texts drawn from what is queued pad more than the sorted corpus), between it and the
@@ -42,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "movie_reviews" / "validation.jsonl"
 TRAIN = DATA.with_name("train.jsonl")
 RESULTS = ROOT / "bench" / "results"
-CONCURRENCIES = (1, 4, 16, 32, 64)
+CONCURRENCIES = (1, 4, 16, 32, 64, 128)
+STREAMS = 4  # ModelStreamInfer streams, sharing the highest concurrency between them
 BATCH_SIZES = (1, 8, 16, 32, 64)
 
 
@@ -323,6 +325,71 @@ async def drive(
     }
 
 
+async def drive_streams(
+    address: str, model: str, corpus: list[str], streams: int, window: int, seconds: float
+) -> dict[str, Any]:
+    """`streams` ModelStreamInfer streams, each keeping `window` requests of one text in flight:
+    a client that holds a stream instead of making one call per text."""
+    import grpc
+
+    from loopline.oip import grpc_service_pb2 as pb
+    from loopline.oip import grpc_service_pb2_grpc as pb_grpc
+    from services.inference.convert import encode_bytes_tensor
+
+    requests = []
+    for index, text in enumerate(corpus):
+        request = pb.ModelInferRequest(model_name=model, id=str(index))
+        request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.outputs.add(name="label")
+        request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
+        requests.append(request)
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        async def stream(offset: int) -> None:
+            # Stream `offset` sends texts offset, offset + streams, ...: ids in flight stay
+            # unique as long as `window` < len(corpus) / streams.
+            nonlocal errors
+            call = stub.ModelStreamInfer(timeout=seconds + 60)
+            sent: dict[str, float] = {}
+            slots = asyncio.Semaphore(window)
+
+            async def write() -> None:
+                index = offset
+                while time.monotonic() < stop_at:
+                    await slots.acquire()
+                    request = requests[index % len(requests)]
+                    sent[request.id] = time.perf_counter()
+                    await call.write(request)
+                    index += streams
+                await call.done_writing()
+
+            writer = asyncio.get_running_loop().create_task(write())
+            async for answer in call:
+                began = sent.pop(answer.infer_response.id)
+                if answer.error_message:
+                    errors += 1
+                elif time.monotonic() < stop_at:
+                    latencies.append(time.perf_counter() - began)
+                slots.release()
+            await writer
+
+        started = time.monotonic()
+        await asyncio.gather(*(stream(i) for i in range(streams)))
+    return {
+        "streams": streams,
+        "window": window,
+        "concurrency": streams * window,
+        "sentences_per_s": round(len(latencies) / (stop_at - started), 1),
+        "requests": len(latencies),
+        "errors": errors,
+        **percentiles(latencies),
+    }
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -353,6 +420,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         color="tab:green",
         linestyle="-.",
         label=f"data plane, no gRPC (c={results['data_plane']['concurrency']})",
+    )
+    streamed = results["worker_streams"]
+    ax.plot(
+        [streamed["sentences_per_s"]],
+        [streamed["p50_ms"]],
+        "D",
+        label=f"{streamed['streams']} streams x {streamed['window']} (p50)",
     )
     ax.set_xlabel("sentences/s")
     ax.set_ylabel("latency (ms)")
@@ -386,6 +460,9 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             results["worker"] = [
                 await drive(address, model, corpus, c, seconds) for c in CONCURRENCIES
             ]
+            results["worker_streams"] = await drive_streams(
+                address, model, corpus, STREAMS, CONCURRENCIES[-1] // STREAMS, seconds
+            )
             results["lone"] = await lone_rounds(package, variant, corpus, address, model)
             results["worker_rss_mb_under_load"] = rss_mb(process.pid)
             # The worker returns freed memory after one whole quiet interval
@@ -402,6 +479,10 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         "worker_best_sentences_per_s": best,
         "ceiling_sentences_per_s": ceiling,
         "worker_vs_ceiling": round(best / ceiling, 3),
+        "worker_streams_sentences_per_s": results["worker_streams"]["sentences_per_s"],
+        "worker_streams_vs_ceiling": round(
+            results["worker_streams"]["sentences_per_s"] / ceiling, 3
+        ),
         "data_plane_sentences_per_s": results["data_plane"]["sentences_per_s"],
         "data_plane_vs_ceiling": round(results["data_plane"]["sentences_per_s"] / ceiling, 3),
         "lone_request_p50_ms": results["lone"]["worker"]["p50_ms"],
@@ -427,6 +508,7 @@ def main() -> None:
     print(json.dumps(results["in_process"], indent=2))
     for row in results["worker"]:
         print(row)
+    print("streams:", results["worker_streams"])
     print(json.dumps(results["summary"], indent=2))
 
 
