@@ -270,6 +270,21 @@ async def wait_ready(address: str, timeout: float = 120) -> None:
     raise TimeoutError(address)
 
 
+def label_requests(model: str, corpus: list[str]) -> list[Any]:
+    """One ModelInfer request per text asking for the label only, with the text's index as id."""
+    from loopline.oip import grpc_service_pb2 as pb
+    from services.inference.convert import encode_bytes_tensor
+
+    requests = []
+    for index, text in enumerate(corpus):
+        request = pb.ModelInferRequest(model_name=model, id=str(index))
+        request.inputs.add(name="text", datatype="BYTES", shape=[1])
+        request.outputs.add(name="label")
+        request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
+        requests.append(request)
+    return requests
+
+
 async def drive(
     address: str,
     model: str,
@@ -282,17 +297,9 @@ async def drive(
     `samples` when given."""
     import grpc
 
-    from loopline.oip import grpc_service_pb2 as pb
     from loopline.oip import grpc_service_pb2_grpc as pb_grpc
-    from services.inference.convert import encode_bytes_tensor
 
-    requests = []
-    for text in corpus:
-        request = pb.ModelInferRequest(model_name=model)
-        request.inputs.add(name="text", datatype="BYTES", shape=[1])
-        request.outputs.add(name="label")
-        request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
-        requests.append(request)
+    requests = label_requests(model, corpus)
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + seconds
@@ -332,17 +339,9 @@ async def drive_streams(
     a client that holds a stream instead of making one call per text."""
     import grpc
 
-    from loopline.oip import grpc_service_pb2 as pb
     from loopline.oip import grpc_service_pb2_grpc as pb_grpc
-    from services.inference.convert import encode_bytes_tensor
 
-    requests = []
-    for index, text in enumerate(corpus):
-        request = pb.ModelInferRequest(model_name=model, id=str(index))
-        request.inputs.add(name="text", datatype="BYTES", shape=[1])
-        request.outputs.add(name="label")
-        request.raw_input_contents.append(encode_bytes_tensor([text.encode()]))
-        requests.append(request)
+    requests = label_requests(model, corpus)
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + seconds

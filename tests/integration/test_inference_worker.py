@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -127,15 +128,20 @@ print(json.dumps({
 """
 
 
-def test_tritonclient_metadata_and_infer(worker: dict[str, object], tiny_package: Path) -> None:
+def _triton(script: str, worker: dict[str, object]) -> Any:
+    """Run a tritonclient script against the worker in its own process; its JSON output."""
     done = subprocess.run(
-        [sys.executable, "-c", TRITON_CLIENT, str(worker["address"]), json.dumps(TEXTS)],
+        [sys.executable, "-c", script, str(worker["address"]), json.dumps(TEXTS)],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
-    answer = json.loads(done.stdout)
+    return json.loads(done.stdout)
+
+
+def test_tritonclient_metadata_and_infer(worker: dict[str, object], tiny_package: Path) -> None:
+    answer = _triton(TRITON_CLIENT, worker)
     assert (answer["live"], answer["ready"], answer["model_ready"]) == (True, True, True)
     metadata = answer["metadata"]
     assert metadata["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": ["-1"]}
@@ -482,15 +488,9 @@ print(json.dumps(answers))
 def test_tritonclient_streaming_works_unchanged(
     worker: dict[str, object], tiny_package: Path
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", TRITON_STREAM_CLIENT, str(worker["address"]), json.dumps(TEXTS)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
     labels = PackageRunner(tiny_package, "int8").labels(TEXTS)
-    assert json.loads(done.stdout) == {f"triton-{i}": label for i, label in enumerate(labels)}
+    expected = {f"triton-{i}": label for i, label in enumerate(labels)}
+    assert _triton(TRITON_STREAM_CLIENT, worker) == expected
 
 
 def test_sigterm_drains_and_exits_cleanly(worker: dict[str, object]) -> None:

@@ -74,12 +74,20 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _open(
+    plane: GatedPlane, window: int, texts: list[str]
+) -> tuple[AsyncIterator[pb.ModelStreamInferResponse], asyncio.Task[pb.ModelStreamInferResponse]]:
+    """A stream over `texts` and the task awaiting its first answer, once reading has settled."""
+    stream = _servicer(plane, window).ModelStreamInfer(_requests(texts), None)
+    first = asyncio.get_running_loop().create_task(anext(stream))
+    await _settle()
+    return stream, first
+
+
 def test_at_most_the_window_is_in_flight_and_every_request_is_answered() -> None:
     async def scenario() -> None:
         plane = GatedPlane()
-        stream = _servicer(plane, window=3).ModelStreamInfer(_requests(["ab"] * 7), None)
-        first = asyncio.get_running_loop().create_task(anext(stream))
-        await _settle()
+        stream, first = await _open(plane, 3, ["ab"] * 7)
         assert (plane.active, plane.started) == (3, ["r0", "r1", "r2"])  # reading stopped
         plane.gate.set()
         answers = [await first] + [answer async for answer in stream]
@@ -109,14 +117,12 @@ def test_a_bad_request_is_answered_in_stream_with_its_id() -> None:
 def test_a_cancelled_stream_drops_the_requests_still_waiting() -> None:
     async def scenario() -> None:
         plane = GatedPlane()
-        stream = _servicer(plane, window=8).ModelStreamInfer(_requests(["ab"] * 5), None)
-        first = asyncio.get_running_loop().create_task(anext(stream))
-        await _settle()
+        stream, first = await _open(plane, 8, ["ab"] * 5)
         assert plane.active == 5
         first.cancel()  # grpc cancels the handler when the client goes away
         with pytest.raises(asyncio.CancelledError):
             await first
-        await stream.aclose()
+        await stream.aclose()  # type: ignore[attr-defined]
         await _settle()
         assert (plane.active, plane.finished) == (0, [])
         plane.gate.set()
