@@ -106,15 +106,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         and `model_version`), as Triton's do. A bad request gets an `error_message` answer with
         its id and the stream goes on. When the client half-closes, every request already read is
         answered before the stream ends; when it cancels, what is still queued is dropped.
+
+        A request holds its place in the window until its answer is written, so a client that
+        sends without reading stalls the stream instead of piling answers up in the worker.
         """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]
         answers = asyncio.Queue()
-        reader = asyncio.get_running_loop().create_task(self._read_stream(requests, answers))
+        window = asyncio.Semaphore(self.stream_window)
+        reader = asyncio.get_running_loop().create_task(
+            self._read_stream(requests, answers, window)
+        )
         try:
             while (answer := await answers.get()) is not None:
                 if isinstance(answer, BaseException):
                     raise answer  # the request stream itself failed (an undecodable message)
                 yield answer
+                window.release()  # written (grpc asked for the next one)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -123,8 +130,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         requests: AsyncIterator[pb.ModelInferRequest],
         answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None],
+        window: asyncio.Semaphore,
     ) -> None:
-        window = asyncio.Semaphore(self.stream_window)
         running: set[asyncio.Task[None]] = set()
         end: BaseException | None = None
         try:
@@ -136,7 +143,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                     running.add(task)
                     task.add_done_callback(running.discard)
-                    task.add_done_callback(lambda _: window.release())
             except Exception as err:  # the response stream raises it once the rest is answered
                 end = err
             # Half-closed, or a message that did not decode: what was read is still answered.

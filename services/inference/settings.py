@@ -65,8 +65,8 @@ class InferenceSettings(ServiceSettings):
         default=256,
         ge=1,
         le=65_536,
-        description="Requests of one ModelStreamInfer stream in flight at once; the stream reads "
-        "no further until answers go out (back-pressure).",
+        description="Requests of one ModelStreamInfer stream in flight at once, each until its "
+        "answer is written; the stream reads no further meanwhile (back-pressure).",
     )
     inline_tokenize_chars: int = Field(
         default=1024,

@@ -69,15 +69,18 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Any
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        """Items run concurrently (the worker batches them); at most `stream_window` in flight,
-        so a fast client cannot queue unbounded work in the router."""
+        """Items run concurrently (the worker batches them); at most `stream_window` are in
+        flight, an item holding its place until its answer is written, so a client that sends
+        fast, or never reads, cannot queue unbounded work or answers in the router."""
         answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
         reader = asyncio.get_running_loop().create_task(
-            self._read_stream(request_iterator, context, answers)
+            self._read_stream(request_iterator, context, answers, window)
         )
         try:
             while (item := await answers.get()) is not None:
                 yield item
+                window.release()  # written (grpc asked for the next one)
         finally:
             reader.cancel()
         await reader
@@ -87,8 +90,8 @@ class RouterServicer(pb_grpc.RouterServicer):
         requests: AsyncIterator[pb.ClassifyRequest],
         context: Any,
         answers: asyncio.Queue[pb.ClassifyStreamResponse | None],
+        window: asyncio.Semaphore,
     ) -> None:
-        window = asyncio.Semaphore(self.stream_window)
         tasks: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
@@ -98,7 +101,6 @@ class RouterServicer(pb_grpc.RouterServicer):
                 )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                task.add_done_callback(lambda _: window.release())
             if tasks:
                 await asyncio.gather(*tasks)
         finally:

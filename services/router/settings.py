@@ -74,8 +74,8 @@ class RouterSettings(ServiceSettings):
     stream_window: int = Field(
         default=256,
         ge=1,
-        description="Items of one ClassifyStream in flight at once; the stream reads no further "
-        "until answers go out (back-pressure).",
+        description="Items of one ClassifyStream in flight at once, each until its answer is "
+        "written; the stream reads no further meanwhile (back-pressure).",
     )
     experiment_poll_seconds: float = Field(
         default=0.25,

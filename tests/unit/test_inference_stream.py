@@ -97,6 +97,21 @@ def test_at_most_the_window_is_in_flight_and_every_request_is_answered() -> None
     asyncio.run(scenario())
 
 
+def test_answers_not_yet_written_keep_their_place_in_the_window() -> None:
+    """A client that sends without reading: the worker computes a window's worth, no more."""
+
+    async def scenario() -> None:
+        plane = GatedPlane()
+        plane.gate.set()
+        stream, first = await _open(plane, 3, ["ab"] * 7)
+        assert first.done()  # one answer is out; the other two wait to be written
+        assert plane.finished == ["r0", "r1", "r2"]
+        answers = [first.result()] + [answer async for answer in stream]
+        assert len(answers) == 7
+
+    asyncio.run(scenario())
+
+
 def test_a_bad_request_is_answered_in_stream_with_its_id() -> None:
     async def scenario() -> None:
         plane = GatedPlane()

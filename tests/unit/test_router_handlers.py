@@ -203,3 +203,39 @@ def test_bad_input_is_refused_before_any_forwarding(calls: list[ClassifyCall], p
 def test_a_version_and_an_alias_together_are_refused() -> None:
     with pytest.raises(InvalidInput, match="not both"):
         ModelRef.requested("sentiment", "1", "champion")
+
+
+def test_a_stream_holds_a_window_of_items_until_their_answers_are_written() -> None:
+    """ClassifyStream reads ahead only as far as answers go out: a client that sends without
+    reading gets `stream_window` items classified, not its whole backlog."""
+    from loopline.v1 import router_pb2 as pb
+    from services.router.servicer import RouterServicer
+
+    upstream = FakeUpstream()
+    servicer = RouterServicer(
+        make_router(upstream),
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        default_timeout=10.0,
+        stream_window=3,
+    )
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 10.0
+
+    async def requests() -> object:
+        for n in range(7):
+            yield pb.ClassifyRequest(text=f"film {n}", request_id=f"s-{n}")
+
+    async def scenario() -> None:
+        stream = servicer.ClassifyStream(requests(), Context())  # type: ignore[arg-type]
+        first = await anext(stream)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(upstream.calls) == 3  # one answer out, two waiting to be written
+        rest = [answer async for answer in stream]
+        assert sorted(a.request_id for a in [first, *rest]) == [f"s-{n}" for n in range(7)]
+        assert len(upstream.calls) == 7
+
+    asyncio.run(scenario())
