@@ -23,6 +23,7 @@ from loopline.redis import connect, xadd_many
 from services.inference.records import InferenceRecord
 from services.monitor.consumer import DEFAULT_GROUP, FEEDBACK_STREAM, INFERENCE_STREAM
 from services.monitor.state import State, Totals
+from tests.fixtures.waiting import until
 
 if TYPE_CHECKING:
     from tests.fixtures.redis import RedisServer
@@ -196,11 +197,31 @@ def wait_until_counted(
     assert counted(url) == target
 
 
+def wait_joined(url: str, names: set[str], timeout: float = 30) -> None:
+    """Until every consumer in `names` has read from the inference stream's group: started
+    processes import for a second or two, and one consumer alone can drain 3,300 records."""
+
+    def joined() -> bool:
+        with redis.Redis.from_url(url) as client:
+            try:
+                consumers = client.xinfo_consumers(INFERENCE_STREAM, DEFAULT_GROUP)
+            except redis.ResponseError:
+                return False  # the group does not exist yet
+        return names <= {_name(c["name"]) for c in consumers}
+
+    until(joined, f"consumers {sorted(names)} in the group", timeout=timeout)
+
+
+def _name(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def test_two_consumers_share_a_group_and_count_every_record_once(
     redis_url: str, monitors: Callable[..., Monitor]
 ) -> None:
     first = monitors(redis_url, "first", "--batch", "100")
     second = monitors(redis_url, "second", "--batch", "100")
+    wait_joined(redis_url, {"first", "second"})
     expected = write(redis_url, 3000, "two")
     assert (expected.requests, expected.labelled) == (3300, 1100)
 
