@@ -386,7 +386,7 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
 
 async def hop_rounds(
     paths: dict[str, Call], seconds: float, watched: list[Service], metrics_port: int, model: str
-) -> tuple[dict[tuple[str, int], Tally], float | None]:
+) -> tuple[dict[tuple[str, str], Tally], float | None]:
     """Each path at each level in interleaved rounds; with the router's texts per worker call
     at saturation (None when it made none)."""
     tallies = {
