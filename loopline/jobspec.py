@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from loopline import prototime
 from loopline.errors import InvalidInput
+from loopline.package import INT8_MAX_DROP_POINTS, MAX_EXPORT_ERROR
 from loopline.v1 import trainer_pb2 as pb
 
 __all__ = [
@@ -115,9 +116,9 @@ class GateSpec(_Strict):
     min_value: float = Field(0.0, ge=0, le=1)
     min_improvement: float = Field(0.0, ge=-1, le=1)
     compare_alias: str = "champion"
-    max_export_error: float = Field(1e-3, gt=0)
+    max_export_error: float = Field(MAX_EXPORT_ERROR, gt=0)
     max_latency_factor: float = Field(1.25, gt=0)
-    max_int8_drop_points: float = Field(0.5, allow_inf_nan=False)
+    max_int8_drop_points: float = Field(INT8_MAX_DROP_POINTS, allow_inf_nan=False)
 
 
 class JobSpec(_Strict):

@@ -46,6 +46,13 @@ class PackageError(FailedPrecondition):
         super().__init__(f"model package {path}: {message}", path=str(path))
 
 
+# The export's limits unless a request or job spec sets them (`loopline train`, `gate` in a
+# job spec, the exporter's own options): largest |ONNX fp32 - PyTorch| logit difference, and
+# the int8 graph's largest accuracy loss against fp32, in points.
+MAX_EXPORT_ERROR = 1e-3
+INT8_MAX_DROP_POINTS = 0.5
+
+
 class Parity(BaseModel):
     """How closely the exported graphs follow the PyTorch model, measured at export."""
 

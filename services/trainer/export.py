@@ -36,7 +36,14 @@ import numpy as np
 import torch
 
 from loopline.errors import FailedPrecondition
-from loopline.package import EMBEDDING_OUTPUT, LOGITS_OUTPUT, TOKENIZER_FILE, VARIANT_FILES
+from loopline.package import (
+    EMBEDDING_OUTPUT,
+    INT8_MAX_DROP_POINTS,
+    LOGITS_OUTPUT,
+    MAX_EXPORT_ERROR,
+    TOKENIZER_FILE,
+    VARIANT_FILES,
+)
 from loopline.runtime import pad
 from services.trainer.modeling import SentenceClassifier
 
@@ -66,8 +73,8 @@ class ExportOptions:
     int8: bool = True
     fp16: bool = False
     optimize: bool = True
-    max_abs_logit_diff: float = 1e-3
-    max_int8_accuracy_drop_points: float = 0.5
+    max_abs_logit_diff: float = MAX_EXPORT_ERROR
+    max_int8_accuracy_drop_points: float = INT8_MAX_DROP_POINTS
     # "static" needs calibration batches; without them write_graphs falls back to "blockwise".
     int8_method: Int8Method = "static"
     int8_block_size: int = 32  # blockwise only

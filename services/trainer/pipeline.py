@@ -20,7 +20,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from loopline.errors import InvalidInput, NotFound
-from loopline.package import Manifest, Parity, write_manifest
+from loopline.package import (
+    INT8_MAX_DROP_POINTS,
+    MAX_EXPORT_ERROR,
+    Manifest,
+    Parity,
+    write_manifest,
+)
 from loopline.registry import CHECKPOINT_ARTIFACT_PATH, PACKAGE_ARTIFACT_PATH, Registry
 from loopline.runtime import PackageRunner, softmax
 from services.trainer import data as datalib
@@ -75,7 +81,7 @@ class TrainRequest(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     min_rows_per_class: int = Field(8, ge=1)
     int8_max_drop_points: float = Field(
-        0.5,
+        INT8_MAX_DROP_POINTS,
         allow_inf_nan=False,
         description="largest int8 accuracy loss vs fp32, in points, before export is refused",
     )
@@ -85,7 +91,7 @@ class TrainRequest(BaseModel):
         "continuing a registered version records models:/NAME/VERSION, not its local copy",
     )
     max_export_error: float = Field(
-        1e-3,
+        MAX_EXPORT_ERROR,
         gt=0,
         description="largest |ONNX fp32 - PyTorch| logit difference before export is refused",
     )
