@@ -5,7 +5,6 @@ Errors are raised as LooplineError and turned into status codes by the shared in
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
@@ -13,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from loopline import streams
 from loopline.errors import LooplineError, NotFound, Unauthenticated
 from loopline.logging import get_logger
 from loopline.oip import grpc_service_pb2 as pb
@@ -100,76 +100,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Triton's streaming extension: the requests of one stream run concurrently, at most
-        `stream_window` at a time, so the batcher batches them as it batches separate calls.
+        `stream_window` at a time, so the batcher batches them as it batches separate calls
+        (`loopline.streams`).
 
         Answers go out in completion order, each carrying its request's `id` (and `model_name`
         and `model_version`), as Triton's do. A bad request gets an `error_message` answer with
-        its id and the stream goes on. When the client half-closes, every request already read is
-        answered before the stream ends; when it cancels, what is still queued is dropped.
-
-        A request holds its place in the window until its answer is written, so a client that
-        sends without reading stalls the stream instead of piling answers up in the worker.
+        its id and the stream goes on.
         """
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None]
-        answers = asyncio.Queue()
-        window = asyncio.Semaphore(self.stream_window)
-        reader = asyncio.get_running_loop().create_task(
-            self._read_stream(requests, answers, window)
-        )
-        try:
-            while (answer := await answers.get()) is not None:
-                if isinstance(answer, BaseException):
-                    raise answer  # the request stream itself failed (an undecodable message)
-                yield answer
-                window.release()  # written (grpc asked for the next one)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        async for answer in streams.answered(requests, self._stream_answer, self.stream_window):
+            yield answer
 
-    async def _read_stream(
-        self,
-        requests: AsyncIterator[pb.ModelInferRequest],
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None],
-        window: asyncio.Semaphore,
-    ) -> None:
-        running: set[asyncio.Task[None]] = set()
-        end: BaseException | None = None
-        try:
-            try:
-                async for request in requests:
-                    await window.acquire()
-                    task = asyncio.get_running_loop().create_task(
-                        self._stream_answer(request, answers)
-                    )
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-            except Exception as err:  # the response stream raises it once the rest is answered
-                end = err
-            # Half-closed, or a message that did not decode: what was read is still answered.
-            if running:
-                await asyncio.gather(*list(running))
-            await answers.put(end)
-        finally:
-            for task in list(running):  # cancelled (the client went away): drop what is queued
-                task.cancel()
-
-    async def _stream_answer(
-        self,
-        request: pb.ModelInferRequest,
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | BaseException | None],
-    ) -> None:
+    async def _stream_answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         try:
             outputs = convert.requested_outputs(request)
             answer = await self.plane.infer(convert.infer_request(request, None))
-            message = pb.ModelStreamInferResponse(
-                infer_response=convert.infer_response(request, answer, outputs)
-            )
         except LooplineError as err:
-            message = _stream_error(request, err.message)
+            return _stream_error(request, err.message)
         except Exception:
             log.exception("stream request failed", extra={"request_id": request.id})
-            message = _stream_error(request, "internal error; the worker log has details")
-        await answers.put(message)
+            return _stream_error(request, "internal error; the worker log has details")
+        return pb.ModelStreamInferResponse(
+            infer_response=convert.infer_response(request, answer, outputs)
+        )
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any

@@ -6,14 +6,13 @@ ClassifyStream answers per item (a bad item gets its own status and the stream g
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
 
-from loopline import prototime
+from loopline import prototime, streams
 from loopline.errors import STATUS_BY_KIND, LooplineError
 from loopline.logging import get_logger
 from loopline.v1 import common_pb2 as common
@@ -69,69 +68,39 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: Any
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        """Items run concurrently (the worker batches them); at most `stream_window` are in
-        flight, an item holding its place until its answer is written, so a client that sends
-        fast, or never reads, cannot queue unbounded work or answers in the router."""
-        answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self.stream_window)
-        reader = asyncio.get_running_loop().create_task(
-            self._read_stream(request_iterator, context, answers, window)
-        )
-        try:
-            while (item := await answers.get()) is not None:
-                yield item
-                window.release()  # written (grpc asked for the next one)
-        finally:
-            reader.cancel()
-        await reader
+        """Items run concurrently (the worker batches them), at most `stream_window` of them
+        until their answers are written (`loopline.streams`); a bad item gets its own status and
+        the stream goes on."""
 
-    async def _read_stream(
-        self,
-        requests: AsyncIterator[pb.ClassifyRequest],
-        context: Any,
-        answers: asyncio.Queue[pb.ClassifyStreamResponse | None],
-        window: asyncio.Semaphore,
-    ) -> None:
-        tasks: set[asyncio.Task[None]] = set()
-        try:
-            async for request in requests:
-                await window.acquire()
-                task = asyncio.get_running_loop().create_task(
-                    self._answer_item(request, context, answers)
-                )
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-        finally:
-            await answers.put(None)
+        def answer(request: pb.ClassifyRequest) -> Awaitable[pb.ClassifyStreamResponse]:
+            return self._answer_item(request, context)
+
+        async for item in streams.answered(request_iterator, answer, self.stream_window):
+            yield item
 
     async def _answer_item(
-        self,
-        request: pb.ClassifyRequest,
-        context: Any,
-        answers: asyncio.Queue[pb.ClassifyStreamResponse | None],
-    ) -> None:
-        call = convert.classify_call(request)
+        self, request: pb.ClassifyRequest, context: Any
+    ) -> pb.ClassifyStreamResponse:
+        call = None
         try:
+            call = convert.classify_call(request)  # a version and an alias together: refused
             answer = await self.router.classify(call, self._deadline(context))
-        except LooplineError as err:
-            status = common.Status(code=STATUS_BY_KIND[err.kind].value[0], message=err.message)
-            await answers.put(pb.ClassifyStreamResponse(request_id=call.request_id, status=status))
-        except Exception:
-            log.exception("stream item failed", extra={"request_id": call.request_id})
-            status = common.Status(
-                code=grpc.StatusCode.INTERNAL.value[0], message="internal error; see router log"
-            )
-            await answers.put(pb.ClassifyStreamResponse(request_id=call.request_id, status=status))
-        else:
-            await answers.put(
-                pb.ClassifyStreamResponse(
-                    request_id=answer.request_id,
-                    status=common.Status(code=0),
-                    result=convert.classify_response(answer),
+        except Exception as err:
+            # The id the router generated when the caller sent none, once it got that far.
+            request_id = call.request_id if call is not None else request.request_id
+            if isinstance(err, LooplineError):
+                status = common.Status(code=STATUS_BY_KIND[err.kind].value[0], message=err.message)
+            else:
+                log.exception("stream item failed", extra={"request_id": request_id})
+                status = common.Status(
+                    code=grpc.StatusCode.INTERNAL.value[0], message="internal error; see router log"
                 )
-            )
+            return pb.ClassifyStreamResponse(request_id=request_id, status=status)
+        return pb.ClassifyStreamResponse(
+            request_id=answer.request_id,
+            status=common.Status(code=0),
+            result=convert.classify_response(answer),
+        )
 
     # ----- feedback -----
 

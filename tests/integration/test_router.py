@@ -277,11 +277,14 @@ def test_concurrent_calls_merged_under_load_keep_their_own_answers(stack: Stack)
 def test_stream_answers_every_item_and_a_bad_one_does_not_end_it(stack: Stack) -> None:
     texts = [f"review number {n} was good" for n in range(30)]
     texts[7] = ""
-    requests = (pb.ClassifyRequest(text=t, request_id=f"s-{n}") for n, t in enumerate(texts))
-    answers = {a.request_id: a for a in stack.stub.ClassifyStream(requests, timeout=30)}
+    requests = [pb.ClassifyRequest(text=t, request_id=f"s-{n}") for n, t in enumerate(texts)]
+    # A version and an alias together: refused while the item is read, not by the router.
+    requests[12].model.CopyFrom(common.ModelRef(name="tiny", version="1", alias="champion"))
+    answers = {a.request_id: a for a in stack.stub.ClassifyStream(iter(requests), timeout=30)}
     assert set(answers) == {f"s-{n}" for n in range(30)}
-    assert answers["s-7"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    ok = [a for key, a in answers.items() if key != "s-7"]
+    for bad in ("s-7", "s-12"):
+        assert answers[bad].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    ok = [a for key, a in answers.items() if key not in ("s-7", "s-12")]
     assert all(a.status.code == 0 and a.result.label for a in ok)
 
 
