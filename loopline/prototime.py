@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loopline.errors import InvalidInput
@@ -29,6 +30,12 @@ def seconds(value: Timestamp | Duration, field: str) -> float:
         return value.ToNanoseconds() / 1e9
     except ValueError as err:
         raise InvalidInput(f"{field}: {err}", field=field) from None
+
+
+def optional_seconds(message: Message, name: str, field: str) -> float | None:
+    """`message.<name>` (a Timestamp or Duration) in seconds, or None when it is not set;
+    `field` names it in the error."""
+    return seconds(getattr(message, name), field) if message.HasField(name) else None
 
 
 def utc(stamp: Timestamp, field: str) -> datetime:

@@ -60,17 +60,9 @@ def window_range(window: common.TimeWindow, now: float) -> tuple[float | None, f
         return now - last, now
     if not (window.HasField("start_time") or window.HasField("end_time")):
         return now - DEFAULT_WINDOW_S, now
-    start = (
-        prototime.seconds(window.start_time, "window.start_time")
-        if window.HasField("start_time")
-        else None
-    )
-    end = (
-        prototime.seconds(window.end_time, "window.end_time")
-        if window.HasField("end_time")
-        else now
-    )
-    return start, end
+    start = prototime.optional_seconds(window, "start_time", "window.start_time")
+    end = prototime.optional_seconds(window, "end_time", "window.end_time")
+    return start, now if end is None else end
 
 
 def _stamp(seconds: float) -> Timestamp:

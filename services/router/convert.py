@@ -76,10 +76,6 @@ def classify_response(answer: Classification) -> pb.ClassifyResponse:
 # ----- experiments -----
 
 
-def _seconds(stamp: Timestamp, present: bool, field: str) -> float | None:
-    return prototime.seconds(stamp, field) if present else None
-
-
 def _stamp(seconds: float | None) -> Timestamp | None:
     if seconds is None:
         return None
@@ -117,10 +113,8 @@ def experiment_draft(message: common.Experiment) -> Experiment:
         sticky_by=sticky,
         salt=message.salt.strip(),
         pinned_users=dict(message.pinned_users),
-        start_time=_seconds(
-            message.start_time, message.HasField("start_time"), "experiment.start_time"
-        ),
-        end_time=_seconds(message.end_time, message.HasField("end_time"), "experiment.end_time"),
+        start_time=prototime.optional_seconds(message, "start_time", "experiment.start_time"),
+        end_time=prototime.optional_seconds(message, "end_time", "experiment.end_time"),
     )
 
 

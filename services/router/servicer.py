@@ -107,7 +107,7 @@ class RouterServicer(pb_grpc.RouterServicer):
     async def Feedback(
         self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> pb.FeedbackResponse:
-        observed = prototime.seconds(request.time, "time") if request.HasField("time") else None
+        observed = prototime.optional_seconds(request, "time", "time")
         feedback_id = await self.feedback.append(
             request.request_id.strip(),
             request.label.strip(),
@@ -151,9 +151,7 @@ class RouterServicer(pb_grpc.RouterServicer):
             request.id.strip(),
             weights=dict(request.weights) or None,
             status=convert.status_of(request.status),
-            end_time=prototime.seconds(request.end_time, "end_time")
-            if request.HasField("end_time")
-            else None,
+            end_time=prototime.optional_seconds(request, "end_time", "end_time"),
             description=request.description or None,
         )
         return convert.experiment_pb(updated)

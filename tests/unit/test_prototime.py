@@ -38,3 +38,15 @@ def test_out_of_range_values_are_invalid_input_naming_the_field(
     if isinstance(value, Timestamp):
         with pytest.raises(InvalidInput):
             prototime.utc(value, "since")
+
+
+def test_an_optional_field_is_none_when_unset_and_checked_when_set() -> None:
+    from loopline.v1 import common_pb2 as common
+
+    window = common.TimeWindow()
+    assert prototime.optional_seconds(window, "start_time", "window.start_time") is None
+    window.start_time.seconds = 60
+    assert prototime.optional_seconds(window, "start_time", "window.start_time") == 60.0
+    window.last.seconds, window.last.nanos = 1, -1
+    with pytest.raises(InvalidInput, match=r"^window\.last: "):
+        prototime.optional_seconds(window, "last", "window.last")
