@@ -39,9 +39,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         admin_token: str | None = None,
         stream_window: int = 256,
     ) -> None:
-        if stream_window < 1:
-            raise ValueError(f"stream_window must be >= 1, got {stream_window}")
-        self.stream_window = stream_window
+        self.stream_window = stream_window  # checked by loopline.streams
         self.plane = plane
         self.repository = plane.repository
         self.version = version
