@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 CONCURRENCIES = (1, 4, 16, 32, 64, 128)
 STREAMS = 4  # ModelStreamInfer streams, sharing the highest concurrency between them
 BATCH_SIZES = (1, 8, 16, 32, 64)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def texts() -> list[str]:
@@ -99,6 +101,13 @@ def export_base_package(directory: Path) -> Path:
     return directory
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads, from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {f"p{q}_ms": float("nan") for q in (50, 95, 99)}
@@ -118,19 +127,27 @@ def in_process(package: Path, variant: str, corpus: list[str]) -> dict[str, Any]
     multiple = default_pad_multiple(engine.providers)  # batches padded as the worker pads them
     tokens = PackageTokenizer(package, manifest).tokenize(corpus)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i].ids))
-    rows: dict[str, Any] = {"variant": engine.variant, "pad_multiple": multiple, "batches": {}}
+    rows: dict[str, Any] = {
+        "variant": engine.variant,
+        "pad_multiple": multiple,
+        "batches": {},
+        "cpu_ms_per_text": {},
+    }
     for size in BATCH_SIZES:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
             engine.run(*pad([tokens[i].ids for i in chunk], manifest.pad_token_id, multiple))
         rows["batches"][size] = round(len(order) / (time.perf_counter() - started), 1)
+        rows["cpu_ms_per_text"][size] = round((time.process_time() - cpu) * 1000 / len(order), 3)
     lone = []
     for index in range(0, len(tokens), 5):
         started = time.perf_counter()
         engine.run(*pad([tokens[index].ids], manifest.pad_token_id))
         lone.append(time.perf_counter() - started)
-    rows["ceiling_sentences_per_s"] = max(rows["batches"].values())
+    best = max(rows["batches"], key=rows["batches"].get)
+    rows["ceiling_sentences_per_s"] = rows["batches"][best]
+    rows["ceiling_cpu_ms_per_text"] = rows["cpu_ms_per_text"][best]
     rows["batch1_latency"] = percentiles(lone)
     engine.close()
     return rows
@@ -170,13 +187,18 @@ async def data_plane(
 
         for duration in (2.0, seconds):  # a warm-up, then the measured run
             answered = 0
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.process_time()
             stop_at = started + duration
             await asyncio.gather(*(caller(i, stop_at) for i in range(concurrency)))
-            elapsed = time.monotonic() - started
+            elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
     finally:
         await worker.stop()
-    return {"concurrency": concurrency, "sentences_per_s": round(answered / elapsed, 1)}
+    return {
+        "concurrency": concurrency,
+        "sentences_per_s": round(answered / elapsed, 1),
+        # Callers, batcher and engine together: the worker's CPU per call less gRPC's.
+        "cpu_ms_per_call": round(cpu * 1000 / answered, 3),
+    }
 
 
 def lone_in_process(engine: Any, ids: list[list[int]], pad_id: int) -> list[float]:
@@ -292,9 +314,11 @@ async def drive(
     concurrency: int,
     seconds: float,
     samples: list[float] | None = None,
+    worker_pid: int | None = None,
 ) -> dict[str, Any]:
     """`concurrency` callers, one text per request, for `seconds`; latencies also go to
-    `samples` when given."""
+    `samples` when given. With `worker_pid`, the row also has the CPU each answered call cost
+    the worker process and this one (the load generator)."""
     import grpc
 
     from loopline.oip import grpc_service_pb2_grpc as pb_grpc
@@ -302,6 +326,7 @@ async def drive(
     requests = label_requests(model, corpus)
     latencies: list[float] = []
     errors = 0
+    cpu = CpuMeter(worker_pid)
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -329,21 +354,50 @@ async def drive(
         "requests": len(latencies),
         "errors": errors,
         **percentiles(latencies),
+        **cpu.per_call(len(latencies)),
     }
 
 
+class CpuMeter:
+    """CPU used since construction by a worker process (when a pid is given) and by this
+    process, per answered call."""
+
+    def __init__(self, worker_pid: int | None) -> None:
+        self.worker_pid = worker_pid
+        self.worker = process_cpu_seconds(worker_pid) if worker_pid is not None else 0.0
+        self.client = time.process_time()
+
+    def per_call(self, calls: int) -> dict[str, float]:
+        if self.worker_pid is None or not calls:
+            return {}
+        worker = process_cpu_seconds(self.worker_pid) - self.worker
+        client = time.process_time() - self.client
+        return {
+            "worker_cpu_ms_per_call": round(worker * 1000 / calls, 3),
+            "client_cpu_ms_per_call": round(client * 1000 / calls, 3),
+        }
+
+
 async def drive_streams(
-    address: str, model: str, corpus: list[str], streams: int, window: int, seconds: float
+    address: str,
+    model: str,
+    corpus: list[str],
+    streams: int,
+    window: int,
+    seconds: float,
+    worker_pid: int | None = None,
 ) -> dict[str, Any]:
     """`streams` ModelStreamInfer streams, each keeping `window` requests of one text in flight:
-    a client that holds a stream instead of making one call per text."""
+    a client that holds a stream instead of making one call per text. A stream that breaks
+    counts what it had in flight as errors; the others go on."""
     import grpc
 
     from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 
     requests = label_requests(model, corpus)
     latencies: list[float] = []
-    errors = 0
+    errors = answered = 0
+    cpu = CpuMeter(worker_pid)
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -351,7 +405,7 @@ async def drive_streams(
         async def stream(offset: int) -> None:
             # Stream `offset` sends texts offset, offset + streams, ...: ids in flight stay
             # unique as long as `window` < len(corpus) / streams.
-            nonlocal errors
+            nonlocal errors, answered
             call = stub.ModelStreamInfer(timeout=seconds + 60)
             sent: dict[str, float] = {}
             slots = asyncio.Semaphore(window)
@@ -367,14 +421,21 @@ async def drive_streams(
                 await call.done_writing()
 
             writer = asyncio.get_running_loop().create_task(write())
-            async for answer in call:
-                began = sent.pop(answer.infer_response.id)
-                if answer.error_message:
-                    errors += 1
-                elif time.monotonic() < stop_at:
-                    latencies.append(time.perf_counter() - began)
-                slots.release()
-            await writer
+            try:
+                async for answer in call:
+                    began = sent.pop(answer.infer_response.id)
+                    answered += 1
+                    if answer.error_message:
+                        errors += 1
+                    elif time.monotonic() < stop_at:
+                        latencies.append(time.perf_counter() - began)
+                    slots.release()
+                await writer
+            except grpc.aio.AioRpcError:
+                errors += max(len(sent), 1)
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await writer
 
         started = time.monotonic()
         await asyncio.gather(*(stream(i) for i in range(streams)))
@@ -386,6 +447,7 @@ async def drive_streams(
         "requests": len(latencies),
         "errors": errors,
         **percentiles(latencies),
+        **cpu.per_call(answered),
     }
 
 
@@ -457,10 +519,17 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
             model = read_manifest(package).name
             await drive(address, model, corpus, 4, 2.0)  # warm-up
             results["worker"] = [
-                await drive(address, model, corpus, c, seconds) for c in CONCURRENCIES
+                await drive(address, model, corpus, c, seconds, worker_pid=process.pid)
+                for c in CONCURRENCIES
             ]
             results["worker_streams"] = await drive_streams(
-                address, model, corpus, STREAMS, CONCURRENCIES[-1] // STREAMS, seconds
+                address,
+                model,
+                corpus,
+                STREAMS,
+                CONCURRENCIES[-1] // STREAMS,
+                seconds,
+                worker_pid=process.pid,
             )
             results["lone"] = await lone_rounds(package, variant, corpus, address, model)
             results["worker_rss_mb_under_load"] = rss_mb(process.pid)
@@ -471,11 +540,13 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-    best = max(r["sentences_per_s"] for r in results["worker"])
+    best_row = max(results["worker"], key=lambda r: r["sentences_per_s"])
+    best = best_row["sentences_per_s"]
     ceiling = results["in_process"]["ceiling_sentences_per_s"]
     lone = results["lone"]["overhead_p50_ms"]
     results["summary"] = {
         "worker_best_sentences_per_s": best,
+        "worker_best_concurrency": best_row["concurrency"],
         "ceiling_sentences_per_s": ceiling,
         "worker_vs_ceiling": round(best / ceiling, 3),
         "worker_streams_sentences_per_s": results["worker_streams"]["sentences_per_s"],
@@ -484,13 +555,34 @@ async def run(package: Path, variant: str, seconds: float) -> dict[str, Any]:
         ),
         "data_plane_sentences_per_s": results["data_plane"]["sentences_per_s"],
         "data_plane_vs_ceiling": round(results["data_plane"]["sentences_per_s"] / ceiling, 3),
+        "data_plane_cpu_ms_per_call": results["data_plane"]["cpu_ms_per_call"],
         "lone_request_p50_ms": results["lone"]["worker"]["p50_ms"],
         "in_process_batch1_p50_ms": results["lone"]["in_process_batch1"]["p50_ms"],
         "lone_request_overhead_ms": round(lone, 3),
         "worker_rss_mb_right_after_load": results["worker_rss_mb_under_load"],
         "worker_rss_mb": results["worker_rss_mb"],
+        **cpu_budget(results["in_process"], best_row, results["cpu_count"]),
     }
     return results
+
+
+def cpu_budget(in_process: dict[str, Any], row: dict[str, Any], cores: int) -> dict[str, Any]:
+    """What the CPU a call costs allows on this machine, every process sharing its cores: the
+    load generator's and the worker's CPU per answered call at the best concurrency against
+    the in-process engine's per text. `cpu_bound` is the rate at which both would keep every
+    core busy, with no idle time at all: no worker can beat it without spending less CPU per
+    call."""
+    engine = in_process["ceiling_cpu_ms_per_text"]
+    worker, client = row["worker_cpu_ms_per_call"], row["client_cpu_ms_per_call"]
+    bound = cores * 1000 / (worker + client)
+    return {
+        "ceiling_cpu_ms_per_text": engine,
+        "worker_cpu_ms_per_call": worker,
+        "worker_cpu_ms_per_call_beyond_engine": round(worker - engine, 3),
+        "client_cpu_ms_per_call": client,
+        "cpu_bound_sentences_per_s": round(bound, 1),
+        "cpu_bound_vs_ceiling": round(bound / in_process["ceiling_sentences_per_s"], 3),
+    }
 
 
 def main() -> None:

@@ -50,7 +50,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.inference import RESULTS, export_base_package, free_port, texts, wait_ready
+from bench import USER_GRPC_EXPERIMENTS
+from bench.inference import (
+    RESULTS,
+    export_base_package,
+    free_port,
+    process_cpu_seconds,
+    texts,
+    wait_ready,
+)
 
 LONE, SATURATING, CEILING = 1, 32, 64
 # The hop's levels: a lone caller back to back, a lone caller pausing PACE seconds after each
@@ -62,7 +70,6 @@ TARGETS = {"added_p50_ms": 1.0, "throughput_ratio": 0.90, "lone_classify_p50_ms"
 LOGS = RESULTS / "logs"
 FAKE_MODEL, FAKE_VERSION, FAKE_LABELS = "fake", "1", ("negative", "positive")
 ECHO_METHOD = "/bench.Echo/Echo"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Call = Callable[[int], Awaitable[object]]
 
@@ -95,13 +102,6 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads, from /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def spawn(name: str, command: Sequence[str], env: dict[str, str], address: str) -> Service:
@@ -205,9 +205,11 @@ def start_router(
 
 
 def start_fake(kind: str) -> Service:
+    """A reference server, with gRPC set as the user has it (bench/__init__.py)."""
     port = free_port()
     command = [sys.executable, "-m", "bench.router", "--serve", kind, "--port", str(port)]
-    return spawn(kind, command, {}, f"127.0.0.1:{port}")
+    env = {"GRPC_EXPERIMENTS": USER_GRPC_EXPERIMENTS}
+    return spawn(kind, command, env, f"127.0.0.1:{port}")
 
 
 async def wait_for(service: Service, probe: Call, what: str, timeout: float = 120.0) -> None:
@@ -625,6 +627,10 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "target": f">= {TARGETS['throughput_ratio']}",
             "met": (saturated["throughput_ratio"] or 0) >= TARGETS["throughput_ratio"],
         },
+        # The ratio the CPU per call allows when every process shares the cores and all of them
+        # are busy: (worker + client) / (worker + router + client), summed from each path's
+        # CPU per call. A measured ratio below it is time the cores sat idle on the routed path.
+        "throughput_ratio_cpu_bound": {"value": cpu_bound_ratio(saturated)},
         "lone_classify_p50_ms": {
             "value": lone_p50,
             "target": f"< {TARGETS['lone_classify_p50_ms']}",
@@ -633,6 +639,14 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
         "router_vs_echo_calls": {"value": results["ceiling"]["router_vs_echo"]},
         "added_p50_ms_lone_trivial_upstream": {"value": results["ceiling"]["lone"]["added_p50_ms"]},
     }
+
+
+def cpu_bound_ratio(level: dict[str, Any]) -> float | None:
+    direct, routed = (
+        [v for v in level[path]["cpu_ms_per_call"].values() if v is not None]
+        for path in ("direct", "router")
+    )
+    return round(sum(direct) / sum(routed), 3) if direct and routed and sum(routed) else None
 
 
 def print_report(results: dict[str, Any]) -> None:
