@@ -18,7 +18,10 @@ Measured in one run, on one machine, so the ratios hold even when the machine is
    worker is what gRPC costs;
 4. a lone request: the worker at concurrency 1 against the same texts alone in-process, in
    alternating rounds, whose p50 difference is the worker's added latency;
-5. the worker's RSS after the load.
+5. the worker's RSS after the load;
+6. the CPU each answered call cost the worker process and the load generator at every level, and
+   the in-process engine's per text: on shared cores, cores / (worker + client CPU per call) is
+   the most any worker with that CPU per call could answer (`cpu_bound_sentences_per_s`).
 Results: bench/results/inference.json and bench/results/inference.png.
 """
 
