@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -320,8 +321,8 @@ async def drive(
     worker_pid: int | None = None,
 ) -> dict[str, Any]:
     """`concurrency` callers, one text per request, for `seconds`; latencies also go to
-    `samples` when given. With `worker_pid`, the row also has the CPU each answered call cost
-    the worker process and this one (the load generator)."""
+    `samples` when given. The row has the CPU each answered call cost this process (the load
+    generator) and, with `worker_pid`, the worker process."""
     import grpc
 
     from loopline.oip import grpc_service_pb2_grpc as pb_grpc
@@ -329,7 +330,7 @@ async def drive(
     requests = label_requests(model, corpus)
     latencies: list[float] = []
     errors = 0
-    cpu = CpuMeter(worker_pid)
+    cpu = CpuMeter({"worker": worker_pid} if worker_pid is not None else {})
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -362,22 +363,29 @@ async def drive(
 
 
 class CpuMeter:
-    """CPU used since construction by a worker process (when a pid is given) and by this
-    process, per answered call."""
+    """CPU seconds used since construction by each named process (from /proc) and by this one,
+    the load generator (`client`)."""
 
-    def __init__(self, worker_pid: int | None) -> None:
-        self.worker_pid = worker_pid
-        self.worker = process_cpu_seconds(worker_pid) if worker_pid is not None else 0.0
-        self.client = time.process_time()
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self.start = self._now()
+
+    def _now(self) -> dict[str, float]:
+        now = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
+        now["client"] = time.process_time()
+        return now
+
+    def used(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self.start[name] for name in now}
 
     def per_call(self, calls: int) -> dict[str, float]:
-        if self.worker_pid is None or not calls:
+        """`<name>_cpu_ms_per_call` for every process; nothing when no call was answered."""
+        if not calls:
             return {}
-        worker = process_cpu_seconds(self.worker_pid) - self.worker
-        client = time.process_time() - self.client
         return {
-            "worker_cpu_ms_per_call": round(worker * 1000 / calls, 3),
-            "client_cpu_ms_per_call": round(client * 1000 / calls, 3),
+            f"{name}_cpu_ms_per_call": round(used * 1000 / calls, 3)
+            for name, used in self.used().items()
         }
 
 
@@ -400,7 +408,7 @@ async def drive_streams(
     requests = label_requests(model, corpus)
     latencies: list[float] = []
     errors = answered = 0
-    cpu = CpuMeter(worker_pid)
+    cpu = CpuMeter({"worker": worker_pid} if worker_pid is not None else {})
     stop_at = time.monotonic() + seconds
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -576,6 +584,8 @@ def cpu_budget(in_process: dict[str, Any], row: dict[str, Any], cores: int) -> d
     core busy, with no idle time at all: no worker can beat it without spending less CPU per
     call."""
     engine = in_process["ceiling_cpu_ms_per_text"]
+    if "worker_cpu_ms_per_call" not in row:  # the worker answered nothing at any level
+        return {"ceiling_cpu_ms_per_text": engine}
     worker, client = row["worker_cpu_ms_per_call"], row["client_cpu_ms_per_call"]
     bound = cores * 1000 / (worker + client)
     return {

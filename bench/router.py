@@ -54,9 +54,9 @@ import numpy as np
 from bench import USER_GRPC_EXPERIMENTS
 from bench.inference import (
     RESULTS,
+    CpuMeter,
     export_base_package,
     free_port,
-    process_cpu_seconds,
     texts,
     wait_ready,
 )
@@ -94,9 +94,6 @@ class Service:
     process: subprocess.Popen[bytes]
     address: str
     log: Path
-
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.process.pid)
 
     def check(self) -> None:
         if self.process.poll() is not None:
@@ -298,15 +295,12 @@ async def drive(
             if tally.pause:
                 await asyncio.sleep(tally.pause)
 
-    cpu_before = {s.name: s.cpu_seconds() for s in watched}
-    client_before = time.process_time()
+    cpu = CpuMeter({service.name: service.process.pid for service in watched})
     began = time.monotonic()
     await asyncio.gather(*(caller(offset + i) for i in range(concurrency)))
     tally.seconds += time.monotonic() - began
-    for service in watched:
-        used = service.cpu_seconds() - cpu_before[service.name]
-        tally.cpu[service.name] = tally.cpu.get(service.name, 0.0) + used
-    tally.cpu["client"] = tally.cpu.get("client", 0.0) + time.process_time() - client_before
+    for name, used in cpu.used().items():
+        tally.cpu[name] = tally.cpu.get(name, 0.0) + used
 
 
 def added(direct: dict[str, Any], router: dict[str, Any]) -> dict[str, Any]:
