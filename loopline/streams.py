@@ -3,9 +3,10 @@ ClassifyStream.
 
 `answered(requests, answer, window)` reads requests, runs `answer` on each as its own task (so
 the batcher sees them together, as it sees separate calls) and yields the answers in completion
-order. Each request holds one of `window` places from the moment it is read until its answer is
-written, so a client that sends fast, or never reads, cannot queue unbounded work or answers in
-the server: the stream stops reading and gRPC's flow control pushes back.
+order. Each request takes one of `window` places before its answer starts and holds it until
+the answer is written (the reader holds at most one more request, read and waiting for a place),
+so a client that sends fast, or never reads, cannot queue unbounded work or answers in the
+server: the stream stops reading and gRPC's flow control pushes back.
 
 `answer` turns a request's own failure into an in-stream answer; what it raises anyway is a bug,
 and ends the stream with it (INTERNAL through the error interceptor) rather than leave it hanging.
