@@ -8,8 +8,8 @@ Without --package, the base all-MiniLM-L6-v2 int8 package is exported as `bench.
 validation sentences from ../shared/data. Everything runs as real processes on this machine: a
 private `redis-server` on a free port (never the machine's 6379), the services started with
 `python -m ...`, and one grpc.aio load generator in this process for every target, so the client
-costs the same CPU everywhere. Each figure is measured in two interleaved rounds (direct, router,
-direct, router) so that a machine that gets busier half-way affects both sides alike.
+costs the same CPU everywhere. Each figure is measured in four interleaved rounds (direct, router,
+direct, router, ...) so that a machine that gets busier part-way affects both sides alike.
 
 1. Router hop: one inference worker (records off) serving the package folder, announced by its
    heartbeat in the private Redis, and one router that finds it there. Direct = OIP ModelInfer to
@@ -22,6 +22,9 @@ direct, router) so that a machine that gets busier half-way affects both sides a
    Also at concurrency 1 with a 2 ms pause after each answer ("paced"): requests that find
    the processes idle, as lone requests do in production. On this VM a worker answers slower
    after even 1 ms idle than back to back (docs/router.md).
+   At both lone levels, in the same rounds, a bare grpc.aio proxy (`--serve proxy`: forwards
+   the same ModelInfer bytes to the same worker, on the router's gRPC I/O path, and does
+   nothing else) gives the p50 any grpc.aio hop adds here, and the router's part on top of it.
 2. Router ceiling: a trivial OIP upstream (`--serve fake-oip`: answers ModelInfer at once with
    fixed probabilities) behind a router with a static worker list, against a bare echo server
    (`--serve echo`: a generic unary method returning its request bytes), both at high
@@ -74,7 +77,12 @@ LEVELS = {
     "busy": (BUSY, 0.0),
     "saturated": (SATURATING, 0.0),
 }
-ROUNDS = 2
+# The bare grpc.aio proxy is a reference for the lone hop's latency only; at the loaded levels
+# it would add a third of the run time to say nothing about the router.
+PROXY_LEVELS = ("lone", "paced")
+# Four short rounds rather than two long ones: on a shared VM a lone worker's latency drifts by
+# 0.5 ms from one window to the next, which two rounds left in the added p50 (docs/router.md).
+ROUNDS = 4
 TARGETS = {"added_p50_ms": 1.0, "throughput_ratio": 0.90, "lone_classify_p50_ms": 5.0}
 LOGS = RESULTS / "logs"
 FAKE_MODEL, FAKE_VERSION, FAKE_LABELS = "fake", "1", ("negative", "positive")
@@ -218,6 +226,18 @@ def start_fake(kind: str) -> Service:
     return spawn(kind, command, env, f"127.0.0.1:{port}")
 
 
+def start_bare_proxy(upstream: str) -> Service:
+    """The bare grpc.aio proxy in front of `upstream`, on the router's gRPC I/O path: the same
+    `GRPC_EXPERIMENTS` as every Loopline service (services/__init__.py), so the two hops differ
+    only in what the router does on top of forwarding."""
+    import services  # noqa: F401  (sets GRPC_EXPERIMENTS in os.environ unless the user did)
+
+    port = free_port()
+    command = [sys.executable, "-m", "bench.router", "--serve", "proxy", "--port", str(port)]
+    env = {"GRPC_EXPERIMENTS": os.environ["GRPC_EXPERIMENTS"]}
+    return spawn("proxy", [*command, "--upstream", upstream], env, f"127.0.0.1:{port}")
+
+
 async def wait_for(service: Service, probe: Call, what: str, timeout: float = 120.0) -> None:
     """Until `probe(0)` succeeds; the last error is in the timeout's message."""
     import grpc
@@ -352,15 +372,25 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
         metrics_port = free_port()
         router = start_router("router", name, redis_url, home, metrics_port=metrics_port)
         started.append(router)
+        proxy = start_bare_proxy(worker.address)
+        started.append(proxy)
         async with (
             grpc.aio.insecure_channel(worker.address) as worker_channel,
             grpc.aio.insecure_channel(router.address) as router_channel,
+            grpc.aio.insecure_channel(proxy.address) as proxy_channel,
         ):
             oip_stub = oip_grpc.GRPCInferenceServiceStub(worker_channel)
             router_stub = rpb_grpc.RouterStub(router_channel)
+            proxy_stub = oip_grpc.GRPCInferenceServiceStub(proxy_channel)
 
             def direct(i: int) -> Awaitable[object]:
                 pending: Awaitable[object] = oip_stub.ModelInfer(
+                    direct_requests[i % len(corpus)], timeout=30
+                )
+                return pending
+
+            def via_proxy(i: int) -> Awaitable[object]:
+                pending: Awaitable[object] = proxy_stub.ModelInfer(
                     direct_requests[i % len(corpus)], timeout=30
                 )
                 return pending
@@ -373,20 +403,32 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
 
             await wait_ready(worker.address)
             await wait_for(router, via_router, "the router answering through the worker")
+            await wait_for(proxy, via_proxy, "the bare proxy answering through the worker")
             results["bare_classify"] = await bare_classify(router_stub, corpus[0])
-            watched = [router, worker]
-            for call in (direct, via_router):  # warm-up: connections, caches, ORT arenas
+            watched = [router, worker, proxy]
+            for call in (direct, via_router, via_proxy):  # warm-up: connections, caches, arenas
                 await drive(Tally(4), call, 1.5, watched)
-            paths: dict[str, Call] = {"direct": direct, "router": via_router}
+            paths: dict[str, Call] = {"direct": direct, "router": via_router, "proxy": via_proxy}
             tallies, merged = await hop_rounds(paths, seconds, watched, metrics_port, name)
             for service in started:
                 service.check()
     results["texts_per_worker_call_saturated"] = merged
     for key in LEVELS:
-        direct_row = tallies[("direct", key)].summary()
-        router_row = tallies[("router", key)].summary()
-        results[key] = {"direct": direct_row, "router": router_row, **added(direct_row, router_row)}
+        results[key] = level_rows(tallies, key)
     return results
+
+
+def level_rows(tallies: dict[tuple[str, str], Tally], key: str) -> dict[str, Any]:
+    """One level's rows and what the router adds; with the bare proxy where it ran."""
+    direct_row = tallies[("direct", key)].summary()
+    router_row = tallies[("router", key)].summary()
+    rows = {"direct": direct_row, "router": router_row, **added(direct_row, router_row)}
+    if ("proxy", key) in tallies:
+        proxy_row = tallies[("proxy", key)].summary()
+        rows["proxy"] = proxy_row
+        rows["added_p50_ms_bare_proxy"] = round(proxy_row["p50_ms"] - direct_row["p50_ms"], 3)
+        rows["router_over_bare_proxy_p50_ms"] = round(router_row["p50_ms"] - proxy_row["p50_ms"], 3)
+    return rows
 
 
 async def hop_rounds(
@@ -398,11 +440,14 @@ async def hop_rounds(
         (path, key): Tally(concurrency, pause)
         for path in paths
         for key, (concurrency, pause) in LEVELS.items()
+        if path != "proxy" or key in PROXY_LEVELS
     }
     texts, calls = 0.0, 0.0
     for round_ in range(ROUNDS):
         for key in LEVELS:
             for path, call in paths.items():
+                if (path, key) not in tallies:
+                    continue
                 offset = round_ * 7919  # other texts in the second round
                 counted = path == "router" and key == "saturated"
                 sent = await upstream_texts(metrics_port, model) if counted else (0.0, 0.0)
@@ -583,10 +628,45 @@ def fake_oip_servicer() -> Any:
     return FakeOip()  # type: ignore[abstract]
 
 
-async def serve(kind: str, port: int) -> None:
+def bare_proxy_handler(upstream: Any) -> Any:
+    """A grpc.aio handler that forwards every unary call's bytes to `upstream` (a channel) and
+    answers with the upstream's bytes or status: the least a grpc.aio proxy does (one persistent
+    channel, the caller's remaining deadline passed on), with no parsing, routing or metrics."""
     import grpc
 
+    forwards: dict[str, Any] = {}
+
+    async def forward(method: str, request: bytes, context: Any) -> bytes:
+        call = forwards.get(method)
+        if call is None:
+            call = forwards[method] = upstream.unary_unary(method)  # no (de)serializers: bytes
+        try:
+            answer: bytes = await call(request, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as err:
+            await context.abort(err.code(), err.details() or "")
+        return answer
+
+    class Forwarding(grpc.GenericRpcHandler):  # type: ignore[misc]
+        def service(self, details: Any) -> Any:
+            method = details.method
+
+            async def handle(request: bytes, context: Any) -> bytes:
+                return await forward(method, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(handle)
+
+    return Forwarding()
+
+
+def build_server(kind: str, port: int, upstream: str = "") -> tuple[Any, Any]:
+    """A reference server (not started) on 127.0.0.1:`port` and the channel it forwards on
+    (None unless `kind` is "proxy")."""
+    import grpc
+
+    if kind == "proxy" and not upstream:
+        raise SystemExit("--serve proxy needs --upstream HOST:PORT")
     server = grpc.aio.server()
+    channel = None
     if kind == "echo":
 
         async def echo(request: bytes, context: Any) -> bytes:
@@ -596,16 +676,26 @@ async def serve(kind: str, port: int) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
         )
+    elif kind == "proxy":
+        channel = grpc.aio.insecure_channel(upstream)
+        server.add_generic_rpc_handlers((bare_proxy_handler(channel),))
     else:
         from loopline.oip import grpc_service_pb2_grpc as pb_grpc
 
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake_oip_servicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
+    return server, channel
+
+
+async def serve(kind: str, port: int, upstream: str = "") -> None:
+    server, channel = build_server(kind, port, upstream)
     await server.start()
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     await stopping.wait()
     await server.stop(1.0)
+    if channel is not None:
+        await channel.close()
 
 
 # ----- report -----
@@ -622,7 +712,12 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             "met": lone["added_p50_ms"] <= TARGETS["added_p50_ms"],
         },
         "added_p99_ms_lone": {"value": lone["added_p99_ms"]},
+        # The same hop through a bare grpc.aio proxy in front of the same worker, in the same
+        # rounds: what any grpc.aio hop adds on this machine, and the router's part on top of it.
+        "added_p50_ms_lone_bare_proxy": {"value": lone["added_p50_ms_bare_proxy"]},
+        "router_over_bare_proxy_p50_ms_lone": {"value": lone["router_over_bare_proxy_p50_ms"]},
         "added_p50_ms_lone_paced": {"value": hop_["paced"]["added_p50_ms"]},
+        "added_p50_ms_paced_bare_proxy": {"value": hop_["paced"]["added_p50_ms_bare_proxy"]},
         "added_p50_ms_saturated": {"value": saturated["added_p50_ms"]},
         "added_p99_ms_saturated": {"value": saturated["added_p99_ms"]},
         "throughput_ratio_saturated": {
@@ -659,8 +754,10 @@ def print_report(results: dict[str, Any]) -> None:
     header = f"{'':10}{'path':8}{'conc':>5}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}"
     print(header)
     for key in LEVELS:
-        for path in ("direct", "router"):
-            row = hop_[key][path]
+        for path in ("direct", "router", "proxy"):
+            row = hop_[key].get(path)
+            if row is None:
+                continue
             print(
                 f"{key:10}{path:8}{row['concurrency']:>5}{row['calls_per_s']:>10}"
                 f"{row['p50_ms']:>9}{row['p99_ms']:>9}{row['errors']:>7}"
@@ -681,7 +778,12 @@ def print_report(results: dict[str, Any]) -> None:
         )
     print("\nCPU ms per call, by process")
     for label, row in (
-        *((f"{path} {key}", hop_[key][path]) for key in LEVELS for path in ("direct", "router")),
+        *(
+            (f"{path} {key}", hop_[key][path])
+            for key in LEVELS
+            for path in ("direct", "router", "proxy")
+            if path in hop_[key]
+        ),
         ("router+fake", ceiling_["router_fake_upstream"]),
         ("echo", ceiling_["echo"]),
         ("router+fake lone", ceiling_["lone"]["router_fake_upstream"]),
@@ -769,11 +871,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--package", type=Path, help="model package folder (default: base MiniLM)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per figure, over all rounds")
-    parser.add_argument("--serve", choices=["fake-oip", "echo"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["fake-oip", "echo", "proxy"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.port))
+        asyncio.run(serve(args.serve, args.port, args.upstream))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     package = args.package or base_package()
