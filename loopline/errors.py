@@ -293,14 +293,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            failure: ErrorKind | None = None
             try:
-                return await behavior(_decoded(request, streaming), context)
+                response = await behavior(_decoded(request, streaming), context)
             except BaseException as err:
-                failure = _failure_kind(err, context)
+                # Counted before the status goes out (`context.abort` sends it), so that a
+                # scrape made once the caller has its error already counts it.
+                observe(time.perf_counter() - started, _failure_kind(err, context))
                 await _end_call(err, method, context)
-            finally:
-                observe(time.perf_counter() - started, failure)
+            observe(time.perf_counter() - started, None)
+            return response
 
         return wrapped
 
@@ -309,15 +310,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            failure: ErrorKind | None = None
             try:
                 async for response in behavior(_decoded(request, streaming), context):
                     yield response
             except BaseException as err:
-                failure = _failure_kind(err, context)
+                observe(time.perf_counter() - started, _failure_kind(err, context))  # as above
                 await _end_call(err, method, context)
-            finally:
-                observe(time.perf_counter() - started, failure)
+            observe(time.perf_counter() - started, None)
 
         return wrapped
 

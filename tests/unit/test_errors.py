@@ -177,3 +177,46 @@ def test_streaming_handler_error_mid_stream() -> None:
     assert received == [b"one"]
     assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert failures(metrics, "overloaded") == 1
+
+
+class WatchingContext(FakeContext):
+    """Notes the failures counted so far when the status is sent (grpc.aio's abort sends it)."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.counted_at_abort: list[float | None] = []
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.counted_at_abort.append(failures(self.metrics, "overloaded"))
+        await super().abort(code, details, trailing)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_is_counted_before_its_status_goes_out(stream: bool) -> None:
+    """A caller that has its error may scrape the metrics at once (tests do): counting after the
+    abort left that to a race with the handler's coroutine."""
+
+    async def unary(_request: bytes, _context: Any) -> bytes:
+        raise Overloaded(1, 1)
+
+    async def streaming(_request: bytes, _context: Any) -> AsyncIterator[bytes]:
+        yield b"one"
+        raise Overloaded(1, 1)
+
+    wrapped, metrics = intercept(streaming if stream else unary, stream=stream)
+    context = WatchingContext(metrics)
+
+    async def run() -> None:
+        if stream:
+            async for _ in wrapped(b"", context):
+                pass
+        else:
+            await wrapped(b"", context)
+
+    with pytest.raises(AbortedError):
+        asyncio.run(run())
+    assert context.counted_at_abort == [1]
+    assert failures(metrics, "overloaded") == 1  # and only once
