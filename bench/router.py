@@ -448,7 +448,7 @@ async def hop_rounds(
             for path, call in paths.items():
                 if (path, key) not in tallies:
                     continue
-                offset = round_ * 7919  # other texts in the second round
+                offset = round_ * 7919  # other texts in every round
                 counted = path == "router" and key == "saturated"
                 sent = await upstream_texts(metrics_port, model) if counted else (0.0, 0.0)
                 await drive(tallies[(path, key)], call, seconds / ROUNDS, watched, offset)
