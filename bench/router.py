@@ -77,9 +77,6 @@ LEVELS = {
     "busy": (BUSY, 0.0),
     "saturated": (SATURATING, 0.0),
 }
-# The bare grpc.aio proxy is a reference for the lone hop's latency only; at the loaded levels
-# it would add a third of the run time to say nothing about the router.
-PROXY_LEVELS = ("lone", "paced")
 # Four short rounds rather than two long ones: on a shared VM a lone worker's latency drifts by
 # 0.5 ms from one window to the next, which two rounds left in the added p50 (docs/router.md).
 ROUNDS = 4
@@ -218,24 +215,21 @@ def start_router(
     return spawn(name, command, env, f"127.0.0.1:{port}")
 
 
-def start_fake(kind: str) -> Service:
-    """A reference server, with gRPC set as the user has it (bench/__init__.py)."""
+def start_fake(kind: str, *options: str, grpc_experiments: str = USER_GRPC_EXPERIMENTS) -> Service:
+    """A reference server (`--serve kind`), with gRPC set as the user has it (bench/__init__.py)
+    unless `grpc_experiments` says otherwise."""
     port = free_port()
     command = [sys.executable, "-m", "bench.router", "--serve", kind, "--port", str(port)]
-    env = {"GRPC_EXPERIMENTS": USER_GRPC_EXPERIMENTS}
-    return spawn(kind, command, env, f"127.0.0.1:{port}")
+    env = {"GRPC_EXPERIMENTS": grpc_experiments}
+    return spawn(kind, [*command, *options], env, f"127.0.0.1:{port}")
 
 
-def start_bare_proxy(upstream: str) -> Service:
-    """The bare grpc.aio proxy in front of `upstream`, on the router's gRPC I/O path: the same
-    `GRPC_EXPERIMENTS` as every Loopline service (services/__init__.py), so the two hops differ
-    only in what the router does on top of forwarding."""
-    import services  # noqa: F401  (sets GRPC_EXPERIMENTS in os.environ unless the user did)
+def services_grpc_experiments() -> str:
+    """The `GRPC_EXPERIMENTS` every Loopline service runs with (services/__init__.py sets it in
+    os.environ unless the user did)."""
+    import services  # noqa: F401
 
-    port = free_port()
-    command = [sys.executable, "-m", "bench.router", "--serve", "proxy", "--port", str(port)]
-    env = {"GRPC_EXPERIMENTS": os.environ["GRPC_EXPERIMENTS"]}
-    return spawn("proxy", [*command, "--upstream", upstream], env, f"127.0.0.1:{port}")
+    return os.environ["GRPC_EXPERIMENTS"]
 
 
 async def wait_for(service: Service, probe: Call, what: str, timeout: float = 120.0) -> None:
@@ -372,7 +366,11 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
         metrics_port = free_port()
         router = start_router("router", name, redis_url, home, metrics_port=metrics_port)
         started.append(router)
-        proxy = start_bare_proxy(worker.address)
+        # On the router's gRPC I/O path, so the two hops differ only in what the router does
+        # on top of forwarding.
+        proxy = start_fake(
+            "proxy", "--upstream", worker.address, grpc_experiments=services_grpc_experiments()
+        )
         started.append(proxy)
         async with (
             grpc.aio.insecure_channel(worker.address) as worker_channel,
@@ -405,11 +403,16 @@ async def hop(package: Path, corpus: list[str], seconds: float, home: Path) -> d
             await wait_for(router, via_router, "the router answering through the worker")
             await wait_for(proxy, via_proxy, "the bare proxy answering through the worker")
             results["bare_classify"] = await bare_classify(router_stub, corpus[0])
-            watched = [router, worker, proxy]
-            for call in (direct, via_router, via_proxy):  # warm-up: connections, caches, arenas
-                await drive(Tally(4), call, 1.5, watched)
-            paths: dict[str, Call] = {"direct": direct, "router": via_router, "proxy": via_proxy}
-            tallies, merged = await hop_rounds(paths, seconds, watched, metrics_port, name)
+            targets = {
+                "direct": Target(direct, (router, worker)),
+                "router": Target(via_router, (router, worker)),
+                # A reference for the lone hop only: at the loaded levels it would add a third
+                # of the run time and say nothing about the router.
+                "proxy": Target(via_proxy, (proxy, worker), ("lone", "paced")),
+            }
+            for target in targets.values():  # warm-up: connections, caches, ORT arenas
+                await drive(Tally(4), target.call, 1.5, target.watched)
+            tallies, merged = await hop_rounds(targets, seconds, metrics_port, name)
             for service in started:
                 service.check()
     results["texts_per_worker_call_saturated"] = merged
@@ -431,27 +434,36 @@ def level_rows(tallies: dict[tuple[str, str], Tally], key: str) -> dict[str, Any
     return rows
 
 
+@dataclass(frozen=True)
+class Target:
+    """One way to reach the worker: the call, the processes whose CPU it counts, its levels."""
+
+    call: Call
+    watched: Sequence[Service]
+    levels: Sequence[str] = tuple(LEVELS)
+
+
 async def hop_rounds(
-    paths: dict[str, Call], seconds: float, watched: list[Service], metrics_port: int, model: str
+    targets: dict[str, Target], seconds: float, metrics_port: int, model: str
 ) -> tuple[dict[tuple[str, str], Tally], float | None]:
-    """Each path at each level in interleaved rounds; with the router's texts per worker call
-    at saturation (None when it made none)."""
+    """Each target at each of its levels in interleaved rounds; with the router's texts per
+    worker call at saturation (None when it made none)."""
     tallies = {
-        (path, key): Tally(concurrency, pause)
-        for path in paths
-        for key, (concurrency, pause) in LEVELS.items()
-        if path != "proxy" or key in PROXY_LEVELS
+        (path, key): Tally(*LEVELS[key])
+        for path, target in targets.items()
+        for key in target.levels
     }
     texts, calls = 0.0, 0.0
     for round_ in range(ROUNDS):
         for key in LEVELS:
-            for path, call in paths.items():
-                if (path, key) not in tallies:
+            for path, target in targets.items():
+                if key not in target.levels:
                     continue
                 offset = round_ * 7919  # other texts in every round
                 counted = path == "router" and key == "saturated"
                 sent = await upstream_texts(metrics_port, model) if counted else (0.0, 0.0)
-                await drive(tallies[(path, key)], call, seconds / ROUNDS, watched, offset)
+                tally = tallies[(path, key)]
+                await drive(tally, target.call, seconds / ROUNDS, target.watched, offset)
                 if counted:
                     now = await upstream_texts(metrics_port, model)
                     texts, calls = texts + now[0] - sent[0], calls + now[1] - sent[1]
@@ -634,26 +646,28 @@ def bare_proxy_handler(upstream: Any) -> Any:
     channel, the caller's remaining deadline passed on), with no parsing, routing or metrics."""
     import grpc
 
-    forwards: dict[str, Any] = {}
+    def forwarding(method: str) -> Any:
+        call = upstream.unary_unary(method)  # no (de)serializers: bytes
 
-    async def forward(method: str, request: bytes, context: Any) -> bytes:
-        call = forwards.get(method)
-        if call is None:
-            call = forwards[method] = upstream.unary_unary(method)  # no (de)serializers: bytes
-        try:
-            answer: bytes = await call(request, timeout=context.time_remaining())
-        except grpc.aio.AioRpcError as err:
-            await context.abort(err.code(), err.details() or "")
-        return answer
+        async def handle(request: bytes, context: Any) -> bytes:
+            try:
+                answer: bytes = await call(request, timeout=context.time_remaining())
+            except grpc.aio.AioRpcError as err:
+                await context.abort(err.code(), err.details() or "")
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    handlers: dict[str, Any] = {}
 
     class Forwarding(grpc.GenericRpcHandler):  # type: ignore[misc]
         def service(self, details: Any) -> Any:
+            # Built once per method, as a generated servicer's handlers are: the router pays no
+            # per-call handler construction, so neither does its reference.
             method = details.method
-
-            async def handle(request: bytes, context: Any) -> bytes:
-                return await forward(method, request, context)
-
-            return grpc.unary_unary_rpc_method_handler(handle)
+            if method not in handlers:
+                handlers[method] = forwarding(method)
+            return handlers[method]
 
     return Forwarding()
 
